@@ -1,0 +1,201 @@
+"""Consume the prompts and feedback streams into the learner's dataset without loss.
+
+Both streams are read through one Redis consumer group. An entry is acknowledged (XACK)
+only after its record is committed to the dataset (dataset.py), so:
+  - a learner killed before the commit leaves the entry pending: it is delivered again;
+  - a learner killed after the commit but before the XACK gets it again too, and the
+    idempotent insert (primary key prompt_id / feedback_id) stores it once.
+On start the consumer first re-reads its own pending entries (XREADGROUP from id 0), then
+takes over entries left pending by other consumers for longer than `claim_min_idle_ms`
+(XAUTOCLAIM). Entries that cannot be parsed go to the dataset's dead_letters table and are
+acknowledged: one bad record must not block the stream forever.
+
+The loop is one visible `while`: read a batch, persist, ack, until `stop` is set (SIGTERM
+handling belongs to the entry point, which sets the event; the current batch finishes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import redis
+from google.protobuf.message import DecodeError
+from instructloop.learner.dataset import Dataset
+
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.v1 import records_pb2
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]  # (entry id, fields); None = deleted entry
+
+
+@dataclass
+class ConsumerConfig:
+    """How the learner reads the Redis streams."""
+
+    group: str = field(
+        default="learner",
+        metadata={"help": "Consumer group name; every learner of a deployment shares it."},
+    )
+    consumer: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        metadata={"help": "This consumer's name inside the group (unique per process)."},
+    )
+    batch_size: int = field(
+        default=256, metadata={"help": "Entries read per stream per XREADGROUP call."}
+    )
+    block_ms: int = field(
+        default=1000, metadata={"help": "How long one XREADGROUP waits for new entries."}
+    )
+    claim_min_idle_ms: int = field(
+        default=60_000,
+        metadata={
+            "help": "Pending entries of other consumers idle this long are taken over "
+            "(XAUTOCLAIM): their consumer is presumed dead."
+        },
+    )
+
+
+@dataclass
+class ConsumeStats:
+    """What one call stored: new records, re-deliveries that were already stored, bad ones."""
+
+    entries: int = 0
+    new_prompts: int = 0
+    new_feedback: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+
+    def add(self, other: ConsumeStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class StreamConsumer:
+    """Moves entries from the two streams into a Dataset: persist first, then XACK."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, dataset: Dataset, cfg: ConsumerConfig):
+        self.r = client
+        self.keys = keys
+        self.dataset = dataset
+        self.cfg = cfg
+        self.streams = (keys.prompts_stream, keys.feedback_stream)
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on both streams (from the first entry) if missing."""
+        for stream in self.streams:
+            try:
+                self.r.xgroup_create(stream, self.cfg.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    # ------------------------------------------------------------------ one batch
+
+    def _persist_and_ack(self, stream: str, entries: list[Entry]) -> ConsumeStats:
+        """Commit every record of the batch to the dataset, then acknowledge the batch."""
+        stats = ConsumeStats(entries=len(entries))
+        if not entries:
+            return stats
+        prompts, feedback, dead = [], [], []
+        for entry_id, fields in entries:
+            raw = (fields or {}).get(DATA_FIELD)
+            try:
+                if raw is None:
+                    raise ValueError("entry has no data field (or was deleted)")
+                if stream == self.keys.prompts_stream:
+                    prompts.append(records_pb2.PromptRecord.FromString(raw))
+                else:
+                    feedback.append(records_pb2.FeedbackRecord.FromString(raw))
+            except (DecodeError, ValueError) as e:
+                log.warning("dead letter %s %s: %s", stream, entry_id.decode(), e)
+                dead.append((stream, entry_id.decode(), str(e), raw))
+        new_prompts, new_feedback = self.dataset.add_batch(prompts, feedback, dead)
+        # Only now is the batch durable: a crash before this line re-delivers it.
+        self.r.xack(stream, self.cfg.group, *[entry_id for entry_id, _ in entries])
+        stats.new_prompts, stats.new_feedback = new_prompts, new_feedback
+        stats.duplicates = len(prompts) + len(feedback) - new_prompts - new_feedback
+        stats.dead_letters = len(dead)
+        return stats
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> ConsumeStats:
+        """Persist what this consumer left pending, then what dead consumers left pending."""
+        stats = ConsumeStats()
+        for stream in self.streams:
+            # 1) Our own pending entries (a restart with the same consumer name).
+            while True:
+                resp = self.r.xreadgroup(
+                    self.cfg.group, self.cfg.consumer, {stream: "0"}, count=self.cfg.batch_size
+                )
+                entries = resp[0][1] if resp else []
+                if not entries:
+                    break
+                stats.add(self._persist_and_ack(stream, entries))
+            # 2) Entries other consumers took and never acknowledged.
+            cursor = "0-0"
+            while True:
+                resp = self.r.xautoclaim(
+                    stream,
+                    self.cfg.group,
+                    self.cfg.consumer,
+                    min_idle_time=self.cfg.claim_min_idle_ms,
+                    start_id=cursor,
+                    count=self.cfg.batch_size,
+                )
+                cursor, entries = resp[0], resp[1]
+                stats.add(self._persist_and_ack(stream, entries))
+                if cursor in (b"0-0", "0-0"):
+                    break
+        if stats.entries:
+            log.info("recovered %d pending entries: %s", stats.entries, stats)
+        return stats
+
+    # ------------------------------------------------------------------ steady state
+
+    def poll(self, block_ms: int | None = None) -> ConsumeStats:
+        """Read new entries from both streams once, persist, ack.
+
+        Waits up to block_ms (default: the config's) for entries; 0 does not wait.
+        """
+        stats = ConsumeStats()
+        block_ms = self.cfg.block_ms if block_ms is None else block_ms
+        resp = self.r.xreadgroup(
+            self.cfg.group,
+            self.cfg.consumer,
+            {s: ">" for s in self.streams},
+            count=self.cfg.batch_size,
+            block=block_ms or None,  # BLOCK 0 would wait forever; None does not block
+        )
+        for stream, entries in resp or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            stats.add(self._persist_and_ack(name, entries))
+        return stats
+
+    def drain(self) -> ConsumeStats:
+        """Recover, then read until both streams have nothing new (no blocking at the end)."""
+        self.ensure_groups()
+        stats = self.recover()
+        while True:
+            step = self.poll(block_ms=0)
+            stats.add(step)
+            if step.entries == 0:
+                return stats
+
+    def run(self, stop: threading.Event) -> ConsumeStats:
+        """Consume until `stop` is set. The batch in hand is always finished first."""
+        self.ensure_groups()
+        total = self.recover()
+        while not stop.is_set():
+            try:
+                total.add(self.poll())
+            except redis.ConnectionError as e:
+                log.warning("redis unavailable (%s); retrying", e)
+                stop.wait(1.0)
+        return total
