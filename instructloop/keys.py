@@ -30,9 +30,10 @@ class Keys:
         """A PromptRecord by id, kept for the feedback window (its TTL)."""
         return f"{self.prefix}:prompt:{prompt_id}"
 
-    def judgement(self, prompt_id: str, user_id: str) -> str:
-        """The feedback id of a user's one judgement of a prompt."""
-        return f"{self.prefix}:judged:{prompt_id}:{user_id}"
+    def judgement(self, prompt_id: str, user_id: str, kind: str) -> str:
+        """The feedback id of a user's one judgement of a prompt. kind is "comparison"
+        (ranking, choice or rating) or "demonstration": a user may do one of each."""
+        return f"{self.prefix}:judged:{prompt_id}:{user_id}:{kind}"
 
     def idempotency(self, user_id: str, key: str) -> str:
         """'<content hash> <feedback id>' for a client-chosen idempotency key."""

@@ -23,15 +23,129 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-WORDS = (
-    "the of and to in is you that it he was for on are as with his they at be this have "
-    "from or one had by word but not what all were we when your can said there use an each "
-    "which she do how their if will up other about out many then them these so some her "
-    "would make like him into time has look two more write go see number no way could "
-    "people my than first water been call who oil its now find long down day did get come "
-    "made may part answer question short sort reverse uppercase lowercase count list good "
-    "bad yes please thanks hello world model learn rank best worst sample prompt"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "there",
+    "use",
+    "an",
+    "each",
+    "which",
+    "she",
+    "do",
+    "how",
+    "their",
+    "if",
+    "will",
+    "up",
+    "other",
+    "about",
+    "out",
+    "many",
+    "then",
+    "them",
+    "these",
+    "so",
+    "some",
+    "her",
+    "would",
+    "make",
+    "like",
+    "him",
+    "into",
+    "time",
+    "has",
+    "look",
+    "two",
+    "more",
+    "write",
+    "go",
+    "see",
+    "number",
+    "no",
+    "way",
+    "could",
+    "people",
+    "my",
+    "than",
+    "first",
+    "water",
+    "been",
+    "call",
+    "who",
+    "oil",
+    "its",
+    "now",
+    "find",
+    "long",
+    "down",
+    "day",
+    "did",
+    "get",
+    "come",
+    "made",
+    "may",
+    "part",
+    "answer",
+    "question",
+    "short",
+    "sort",
+    "reverse",
+    "uppercase",
+    "lowercase",
+    "count",
+    "list",
+    "good",
+    "bad",
+    "yes",
+    "please",
+    "thanks",
+    "hello",
+    "world",
+    "model",
+    "learn",
+    "rank",
+    "best",
+    "worst",
+    "sample",
+    "prompt",
+]
 
 
 @dataclass
@@ -40,7 +154,9 @@ class TinyModelConfig:
 
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size."})
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
-    num_heads: int = field(default=2, metadata={"help": "Attention heads (head_dim = hidden/heads)."})
+    num_heads: int = field(
+        default=2, metadata={"help": "Attention heads (head_dim = hidden/heads)."}
+    )
     num_layers: int = field(default=2, metadata={"help": "Transformer layers."})
     intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=1024, metadata={"help": "Context length."})
@@ -64,7 +180,9 @@ def synthetic_corpus(seed: int, lines: int = 20_000) -> list[str]:
         elif task == 3:
             out.append(f"count: {' '.join(words)}\n{len(words)}")
         else:
-            out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))).capitalize() + ".")
+            out.append(
+                " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))).capitalize() + "."
+            )
     return out
 
 

@@ -1,0 +1,161 @@
+"""The server process: wires config, Redis, engine, servicer, health, reflection, metrics.
+
+`run(cfg)` blocks until SIGINT/SIGTERM, then stops taking new calls, lets in-flight ones
+finish (up to a grace period), and shuts the engine and the embedded Redis down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from instructloop.keys import Keys
+from instructloop.redis_embedded import EmbeddedRedis
+from instructloop.v1 import api_pb2, api_pb2_grpc
+
+from .config import ServerConfig
+from .engine import EngineError, VllmEngine
+from .errors import Unavailable
+from .logstore import LogStore
+from .metrics import Metrics
+from .servicer import InstructLoopServicer
+
+log = logging.getLogger("instructloop.serve")
+SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["InstructLoop"].full_name
+HEALTH_INTERVAL_S = 5.0
+SHUTDOWN_GRACE_S = 10.0
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def ensure_model(cfg: ServerConfig) -> Path:
+    """The model directory; the default tiny model is built on first use."""
+    path = cfg.model_dir
+    if (path / "config.json").exists():
+        return path
+    if cfg.model:
+        raise SystemExit(f"error: --model {path} is not an HF model directory (no config.json)")
+    from instructloop.tinymodel import build_tiny_model
+
+    log.info("building the default tiny model in %s", path)
+    return build_tiny_model(path)
+
+
+async def _watch_health(
+    health_servicer: health.aio.HealthServicer, engine: VllmEngine, store: LogStore
+) -> None:
+    """Report NOT_SERVING while the engine or Redis is down."""
+    last = None
+    while True:
+        try:
+            await engine.check_health()
+            await store.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except (EngineError, Unavailable) as e:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            log.warning("unhealthy", extra={"error": str(e)})
+        if status != last:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            last = status
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def serve(cfg: ServerConfig) -> None:
+    model_dir = ensure_model(cfg)
+    redis_proc = None
+    redis_url = cfg.redis_url
+    if not redis_url:
+        redis_proc = EmbeddedRedis(Path(cfg.data_dir) / "redis").start()
+        redis_url = redis_proc.url
+    metrics = Metrics()
+    store = LogStore(redis_url, Keys(cfg.redis_prefix), cfg.prompt_ttl_s)
+    engine = VllmEngine(
+        str(model_dir),
+        version=cfg.version,
+        max_model_len=cfg.max_model_len,
+        kv_cache_gib=cfg.kv_cache_gib,
+        dtype=cfg.dtype,
+    )
+    metrics.track_engine(engine.num_unfinished_requests)
+    metrics.set_version(engine.version)
+    servicer = InstructLoopServicer(engine, store, cfg.limits, metrics)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    api_pb2_grpc.add_InstructLoopServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port} (in use?)")
+    metrics.serve_http(cfg.host, cfg.metrics_port)
+    await server.start()
+    watcher = asyncio.create_task(_watch_health(health_servicer, engine, store))
+    log.info(
+        "serving",
+        extra={
+            "target": f"{cfg.host}:{port}",
+            "model": str(model_dir),
+            "version": engine.version,
+            "redis": redis_url,
+            "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "",
+        },
+    )
+    print(
+        f"instructloop serving {engine.version} on {cfg.host}:{port}", file=sys.stderr, flush=True
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: finishing in-flight calls", extra={"grace_s": SHUTDOWN_GRACE_S})
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(SHUTDOWN_GRACE_S)
+    finally:
+        watcher.cancel()
+        await store.close()
+        engine.shutdown()
+        if redis_proc is not None:
+            redis_proc.stop()
+        log.info("stopped")
+
+
+def run(cfg: ServerConfig) -> int:
+    setup_logging(cfg.log_format, cfg.log_level)
+    asyncio.run(serve(cfg))
+    return 0

@@ -1,0 +1,102 @@
+"""Server configuration: one dataclass, parsed once at the entry point.
+
+Every field is a command-line option of `instructloop serve` (underscores become dashes)
+and can be set through the environment as INSTRUCTLOOP_<FIELD>.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_data_dir() -> str:
+    return os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")
+
+
+@dataclass
+class Limits:
+    """Input limits. Each one is checked before any work is done."""
+
+    max_n: int = field(default=16, metadata={"help": "Most samples per Generate request."})
+    max_tokens: int = field(default=512, metadata={"help": "Most tokens per sample."})
+    default_max_tokens: int = field(
+        default=64, metadata={"help": "Tokens per sample when a request sets max_tokens 0."}
+    )
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "Most prompt tokens."})
+    max_prompt_chars: int = field(
+        default=16384, metadata={"help": "Most prompt characters (checked before tokenizing)."}
+    )
+    max_chat_messages: int = field(default=64, metadata={"help": "Most messages in a chat."})
+    max_stop: int = field(default=8, metadata={"help": "Most stop strings per request."})
+    max_stop_chars: int = field(default=64, metadata={"help": "Longest stop string."})
+    max_logprobs: int = field(default=20, metadata={"help": "Most top logprobs per token."})
+    max_id_chars: int = field(
+        default=128, metadata={"help": "Longest user id, prompt id or idempotency key."}
+    )
+    max_demonstration_chars: int = field(
+        default=16384, metadata={"help": "Longest demonstration text."}
+    )
+    rating_min: float = field(default=1.0, metadata={"help": "Lowest allowed rating score."})
+    rating_max: float = field(default=7.0, metadata={"help": "Highest allowed rating score."})
+    max_concurrent_requests: int = field(
+        default=256,
+        metadata={"help": "Generate calls in flight before new ones get RESOURCE_EXHAUSTED."},
+    )
+    max_message_bytes: int = field(
+        default=1 << 20, metadata={"help": "Largest gRPC request message, in bytes."}
+    )
+
+
+@dataclass
+class ServerConfig:
+    """How to run one server replica."""
+
+    model: str = field(
+        default="",
+        metadata={
+            "help": "HF-format model directory to serve. Empty: DATA_DIR/models/tiny, "
+            "built on first start (instructloop init-model)."
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)."})
+    data_dir: str = field(
+        default_factory=_default_data_dir,
+        metadata={
+            "help": "Local state: embedded Redis, default model (env INSTRUCTLOOP_DATA_DIR)."
+        },
+    )
+    redis_url: str = field(
+        default="",
+        metadata={
+            "help": "Redis to log to, e.g. redis://host:6379/0. Empty: start an embedded "
+            "redis-server with AOF persistence in DATA_DIR/redis."
+        },
+    )
+    redis_prefix: str = field(
+        default="instructloop", metadata={"help": "Prefix of every Redis key this deployment uses."}
+    )
+    prompt_ttl_s: int = field(
+        default=7 * 24 * 3600,
+        metadata={"help": "How long a logged prompt accepts feedback, in seconds."},
+    )
+    metrics_port: int = field(
+        default=9464, metadata={"help": "Prometheus metrics HTTP port (0 disables it)."}
+    )
+    version: str = field(default="v0", metadata={"help": "Version id of the served base model."})
+    kv_cache_gib: int = field(
+        default=1, metadata={"help": "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."}
+    )
+    max_model_len: int = field(
+        default=0, metadata={"help": "Context length cap (0: the model's own)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weight dtype for vLLM."})
+    log_format: str = field(default="json", metadata={"help": "'json' or 'text' logs."})
+    log_level: str = field(default="INFO", metadata={"help": "Logging level."})
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else Path(self.data_dir) / "models" / "tiny"

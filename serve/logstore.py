@@ -1,0 +1,159 @@
+"""Prompt and feedback logging to Redis (the layout is instructloop.keys).
+
+A logged prompt is written twice in one MULTI: appended to the prompts stream (for the
+learner) and stored under its id with a TTL (the feedback window), so feedback can be
+validated against the samples that were actually served.
+
+Feedback is accepted by one Lua script, atomically: it replays an idempotent retry,
+refuses a second judgement of the same kind (comparison or demonstration) by
+the same user of the same prompt, and otherwise appends
+the record to the feedback stream and remembers the judgement. The script's reply comes
+only after Redis has applied (and, with appendfsync always, persisted) the write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.v1 import api_pb2, records_pb2
+
+from .errors import AlreadyExists, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+# KEYS: prompt, judgement, idempotency ('' when none), feedback stream
+# ARGV: feedback id, record bytes, content hash
+# Reply: {status, feedback id}
+_SUBMIT_FEEDBACK = """
+local idem = KEYS[3]
+if idem ~= '' then
+  local prev = redis.call('GET', idem)
+  if prev then
+    local sep = string.find(prev, ' ', 1, true)
+    local hash, fid = string.sub(prev, 1, sep - 1), string.sub(prev, sep + 1)
+    if hash == ARGV[3] then return {'duplicate', fid} end
+    return {'key_reused', fid}
+  end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return {'not_found', ''} end
+local judged = redis.call('GET', KEYS[2])
+if judged then return {'already_judged', judged} end
+redis.call('XADD', KEYS[4], '*', 'data', ARGV[2])
+if ttl < 0 then ttl = 86400000 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+if idem ~= '' then
+  redis.call('SET', idem, ARGV[3] .. ' ' .. ARGV[1], 'PX', ttl)
+end
+return {'ok', ARGV[1]}
+"""
+
+
+@dataclass
+class FeedbackResult:
+    feedback_id: str
+    duplicate: bool
+
+
+def judgement_kind(req: api_pb2.SubmitFeedbackRequest) -> str:
+    return "demonstration" if req.WhichOneof("kind") == "demonstration" else "comparison"
+
+
+def content_hash(req: api_pb2.SubmitFeedbackRequest) -> str:
+    """Hash of what a feedback request says, ignoring its idempotency key."""
+    body = api_pb2.SubmitFeedbackRequest()
+    body.CopyFrom(req)
+    body.idempotency_key = ""
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+class LogStore:
+    """Async Redis access for the server: log prompts, look them up, accept feedback."""
+
+    def __init__(self, url: str, keys: Keys, prompt_ttl_s: int):
+        self.keys = keys
+        self.prompt_ttl_s = prompt_ttl_s
+        self.redis = aioredis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+            health_check_interval=10,
+            socket_connect_timeout=5,
+        )
+        self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except RedisError as e:
+            raise Unavailable(f"Redis is unreachable: {e}") from e
+
+    async def log_prompt(self, record: records_pb2.PromptRecord) -> None:
+        data = record.SerializeToString()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
+                pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
+                await pipe.execute()
+        except RedisError as e:
+            raise Unavailable(f"could not log the prompt to Redis: {e}") from e
+
+    async def get_prompt(self, prompt_id: str) -> records_pb2.PromptRecord:
+        try:
+            data = await self.redis.get(self.keys.prompt(prompt_id))
+        except RedisError as e:
+            raise Unavailable(f"Redis is unreachable: {e}") from e
+        if data is None:
+            raise NotFound(
+                f"prompt {prompt_id} is unknown or expired (prompts accept feedback for "
+                f"{self.prompt_ttl_s}s, and only when logged)"
+            )
+        record = records_pb2.PromptRecord()
+        record.ParseFromString(data)
+        return record
+
+    async def submit_feedback(self, record: records_pb2.FeedbackRecord) -> FeedbackResult:
+        req = record.feedback
+        idem = (
+            self.keys.idempotency(req.user_id, req.idempotency_key) if req.idempotency_key else ""
+        )
+        keys = [
+            self.keys.prompt(req.prompt_id),
+            self.keys.judgement(req.prompt_id, req.user_id, judgement_kind(req)),
+            idem,
+            self.keys.feedback_stream,
+        ]
+        args = [record.feedback_id, record.SerializeToString(), content_hash(req)]
+        try:
+            status, fid = await self._submit(keys=keys, args=args)
+        except RedisError as e:
+            raise Unavailable(f"could not store feedback in Redis: {e}") from e
+        status, fid = status.decode(), fid.decode()
+        if status == "ok":
+            return FeedbackResult(fid, duplicate=False)
+        if status == "duplicate":
+            return FeedbackResult(fid, duplicate=True)
+        if status == "not_found":
+            raise NotFound(f"prompt {req.prompt_id} expired before the feedback was stored")
+        if status == "already_judged":
+            raise AlreadyExists(
+                f"user {req.user_id!r} already sent a {judgement_kind(req)} for prompt "
+                f"{req.prompt_id} (feedback {fid}); one per user per prompt"
+            )
+        raise AlreadyExists(
+            f"idempotency key {req.idempotency_key!r} was already used by user "
+            f"{req.user_id!r} for different feedback ({fid}); use a new key"
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()

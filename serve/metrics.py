@@ -1,0 +1,63 @@
+"""Prometheus metrics of one server replica, in a registry of its own.
+
+Tokens per second is `rate(instructloop_generated_tokens_total[1m])`; per request it is
+also observed in instructloop_request_tokens_per_second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "instructloop_requests", "RPCs by method and status code.", ["method", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "instructloop_request_latency_seconds", "RPC latency by method.", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.generated_tokens = Counter(
+            "instructloop_generated_tokens", "Tokens generated, all samples.", registry=r
+        )
+        self.tokens_per_second = Histogram(
+            "instructloop_request_tokens_per_second", "Generated tokens / latency per request.",
+            buckets=(10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000), registry=r,
+        )  # fmt: skip
+        self.feedback = Counter(
+            "instructloop_feedback", "Feedback by kind and result.", ["kind", "result"],
+            registry=r,
+        )  # fmt: skip
+        self.prompts_logged = Counter(
+            "instructloop_prompts_logged", "Generate calls logged to Redis, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "instructloop_inflight_requests", "Generate calls in progress.", registry=r
+        )
+        self.served_version = Gauge(
+            "instructloop_served_version", "1 for the version this replica serves.", ["version"],
+            registry=r,
+        )  # fmt: skip
+        self.engine_unfinished = Gauge(
+            "instructloop_engine_unfinished_requests", "Requests inside the engine.", registry=r
+        )
+
+    def track_engine(self, unfinished: Callable[[], int]) -> None:
+        self.engine_unfinished.set_function(unfinished)
+
+    def set_version(self, version: str) -> None:
+        self.served_version.clear()
+        self.served_version.labels(version).set(1)
+
+    def serve_http(self, host: str, port: int) -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)

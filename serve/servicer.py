@@ -1,0 +1,347 @@
+"""The public gRPC service: proto <-> domain conversion and error mapping, nothing else.
+
+Validation lives in validation.py, Redis in logstore.py, the model behind engine.py.
+Every exception maps to a status code in one place, `_STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
+
+from . import validation
+from .config import Limits
+from .engine import Engine, EngineError, SampleDelta
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from .logstore import LogStore
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineError: grpc.StatusCode.UNAVAILABLE,
+}
+_FINISH = {
+    "stop": api_pb2.FINISH_REASON_STOP,
+    "length": api_pb2.FINISH_REASON_LENGTH,
+    "abort": api_pb2.FINISH_REASON_ABORT,
+}
+
+
+def _rpc(method):
+    """Map domain errors to gRPC statuses and record metrics, for unary and streaming RPCs."""
+    name = method.__name__
+
+    async def fail(self, context, e: Exception):
+        code = _STATUS.get(type(e))
+        if code is None:
+            log.exception("internal error in %s", name)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {e.__class__.__name__}"
+        else:
+            message = str(e)
+        self.metrics.requests.labels(name, code.name).inc()
+        log.info("rpc failed", extra={"method": name, "code": code.name, "error": message})
+        await context.abort(code, message)
+
+    def done(self, started: float, code: str = "OK"):
+        self.metrics.requests.labels(name, code).inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            started = time.perf_counter()
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except asyncio.CancelledError:
+                done(self, started, "CANCELLED")
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await fail(self, context, e)
+            else:
+                done(self, started)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        started = time.perf_counter()
+        try:
+            result = await method(self, request, context)
+        except asyncio.CancelledError:
+            done(self, started, "CANCELLED")
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await fail(self, context, e)
+        done(self, started)
+        return result
+
+    return unary_wrapper
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+class _Accumulator:
+    """Collects streamed deltas into complete samples."""
+
+    def __init__(self, n: int, version: str, with_logprobs: bool):
+        self.samples = [
+            api_pb2.Sample(sample_id=_new_id("s"), index=i, version=version) for i in range(n)
+        ]
+        self.with_logprobs = with_logprobs
+
+    def add(self, d: SampleDelta) -> api_pb2.SampleDelta:
+        sample = self.samples[d.index]
+        sample.text += d.text
+        sample.token_count += len(d.token_ids)
+        if d.finish_reason:
+            sample.finish_reason = _FINISH.get(d.finish_reason, api_pb2.FINISH_REASON_STOP)
+        logprobs = [_logprob(lp) for lp in d.logprobs or []]
+        sample.logprobs.extend(logprobs)
+        return api_pb2.SampleDelta(
+            index=d.index, text=d.text, token_count=len(d.token_ids), logprobs=logprobs
+        )
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.token_count for s in self.samples)
+
+
+def _sampling_proto(job: validation.GenerateJob) -> api_pb2.SamplingParams:
+    """The effective sampling parameters (defaults filled in), as logged."""
+    spec = job.spec
+    params = api_pb2.SamplingParams(
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        stop=spec.stop,
+    )
+    if spec.seed is not None:
+        params.seed = spec.seed
+    if spec.logprobs is not None:
+        params.logprobs = spec.logprobs
+    return params
+
+
+def _logprob(lp) -> api_pb2.TokenLogprob:
+    return api_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        token=lp.token,
+        logprob=lp.logprob,
+        top=[api_pb2.TopLogprob(token_id=t, token=s, logprob=v) for t, s, v in lp.top],
+    )
+
+
+class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
+    def __init__(self, engine: Engine, store: LogStore, limits: Limits, metrics: Metrics):
+        self.engine = engine
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics
+        self._inflight = 0
+        self.last_swap_error = ""
+
+    # ---- generation -------------------------------------------------------------------
+
+    def _admit(self, request: api_pb2.GenerateRequest) -> validation.GenerateJob:
+        if self._inflight >= self.limits.max_concurrent_requests:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.limits.max_concurrent_requests} concurrent "
+                "Generate calls; retry with backoff"
+            )
+        return validation.validate_generate(
+            request,
+            self.limits,
+            self.engine.encode,
+            self.engine.render_chat,
+            self.engine.max_model_len,
+        )
+
+    async def _run(
+        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator
+    ) -> AsyncIterator[api_pb2.SampleDelta]:
+        """Drive the engine for one request; abort it there if we stop early."""
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        finished = False
+        try:
+            async for deltas in self.engine.generate(prompt_id, job.prompt_token_ids, job.spec):
+                for d in deltas:
+                    yield acc.add(d)
+            finished = True
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+            if not finished:  # client went away or we failed: free the engine's slot
+                await self.engine.abort(prompt_id)
+            self.metrics.generated_tokens.inc(acc.tokens)
+
+    async def _finish(
+        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator, version: str
+    ) -> api_pb2.GenerateResponse:
+        response = api_pb2.GenerateResponse(
+            prompt_id=prompt_id,
+            version=version,
+            samples=acc.samples,
+            prompt_token_count=len(job.prompt_token_ids),
+        )
+        if job.log:
+            record = records_pb2.PromptRecord(
+                prompt_id=prompt_id,
+                prompt=job.prompt_text,
+                chat=job.chat,
+                sampling=_sampling_proto(job),
+                version=version,
+                user_id=job.user_id,
+                created=_timestamp(time.time()),
+                prompt_token_count=len(job.prompt_token_ids),
+            )
+            for s in acc.samples:
+                logged = record.samples.add()
+                logged.CopyFrom(s)
+                logged.ClearField("logprobs")
+            try:
+                await self.store.log_prompt(record)
+                response.logged = True
+                self.metrics.prompts_logged.labels("ok").inc()
+            except Unavailable as e:
+                # The answer still goes out; the caller sees logged=false and cannot rate it.
+                log.warning("prompt not logged", extra={"prompt_id": prompt_id, "error": str(e)})
+                self.metrics.prompts_logged.labels("error").inc()
+        return response
+
+    @_rpc
+    async def Generate(self, request, context):
+        started = time.perf_counter()
+        job = self._admit(request)
+        prompt_id, version = _new_id("p"), self.engine.version
+        acc = _Accumulator(job.spec.n, version, job.spec.logprobs is not None)
+        async for _ in self._run(job, prompt_id, acc):
+            pass
+        response = await self._finish(job, prompt_id, acc, version)
+        self._log_generate(response, job, started)
+        return response
+
+    @_rpc
+    async def GenerateStream(self, request, context):
+        started = time.perf_counter()
+        job = self._admit(request)
+        prompt_id, version = _new_id("p"), self.engine.version
+        acc = _Accumulator(job.spec.n, version, job.spec.logprobs is not None)
+        async for delta in self._run(job, prompt_id, acc):
+            yield api_pb2.GenerateStreamResponse(delta=delta)
+        response = await self._finish(job, prompt_id, acc, version)
+        for s in response.samples:
+            s.text = ""  # the deltas carried it
+            s.ClearField("logprobs")
+        self._log_generate(response, job, started)
+        yield api_pb2.GenerateStreamResponse(final=response)
+
+    def _log_generate(self, response, job, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        tokens = sum(s.token_count for s in response.samples)
+        if elapsed > 0:
+            self.metrics.tokens_per_second.observe(tokens / elapsed)
+        log.info(
+            "generated",
+            extra={
+                "prompt_id": response.prompt_id,
+                "version": response.version,
+                "n": job.spec.n,
+                "prompt_tokens": response.prompt_token_count,
+                "tokens": tokens,
+                "seconds": round(elapsed, 4),
+                "logged": response.logged,
+            },
+        )
+
+    # ---- feedback ---------------------------------------------------------------------
+
+    @_rpc
+    async def SubmitFeedback(self, request, context):
+        kind = request.WhichOneof("kind") or "none"
+        try:
+            validation.validate_feedback_shape(request, self.limits)
+            prompt = await self.store.get_prompt(request.prompt_id)
+            request = validation.validate_feedback_against(request, prompt, self.limits)
+            record = records_pb2.FeedbackRecord(
+                feedback_id=_new_id("f"),
+                feedback=request,
+                version=prompt.version,
+                created=_timestamp(time.time()),
+            )
+            result = await self.store.submit_feedback(record)
+        except Exception as e:
+            self.metrics.feedback.labels(kind, type(e).__name__).inc()
+            raise
+        self.metrics.feedback.labels(kind, "duplicate" if result.duplicate else "ok").inc()
+        log.info(
+            "feedback",
+            extra={
+                "feedback_id": result.feedback_id,
+                "prompt_id": request.prompt_id,
+                "kind": kind,
+                "duplicate": result.duplicate,
+            },
+        )
+        return api_pb2.SubmitFeedbackResponse(
+            feedback_id=result.feedback_id, duplicate=result.duplicate
+        )
+
+    # ---- model ------------------------------------------------------------------------
+
+    @_rpc
+    async def GetModel(self, request, context):
+        lim = self.limits
+        return api_pb2.ModelInfo(
+            version=self.engine.version,
+            base_model=self.engine.base_model,
+            loaded_at=_timestamp(self.engine.loaded_at),
+            seconds_since_swap=time.time() - self.engine.loaded_at,
+            max_model_len=self.engine.max_model_len,
+            limits=api_pb2.ServerLimits(
+                max_n=lim.max_n,
+                max_tokens=lim.max_tokens,
+                max_prompt_tokens=lim.max_prompt_tokens,
+                max_prompt_chars=lim.max_prompt_chars,
+                rating_min=lim.rating_min,
+                rating_max=lim.rating_max,
+            ),
+            last_swap_error=self.last_swap_error,
+        )
