@@ -64,9 +64,7 @@ class ServerConfig:
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)."})
     data_dir: str = field(
         default_factory=_default_data_dir,
-        metadata={
-            "help": "Local state: embedded Redis, default model (env INSTRUCTLOOP_DATA_DIR)."
-        },
+        metadata={"help": "Local state: embedded Redis, default model."},
     )
     redis_url: str = field(
         default="",
