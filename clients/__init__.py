@@ -3,3 +3,7 @@
 Depends only on grpcio and the generated stubs in instructloop.v1, so apps can use it
 without the server's or learner's dependencies.
 """
+
+from .sdk import AsyncClient, Client
+
+__all__ = ["AsyncClient", "Client"]

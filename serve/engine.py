@@ -101,6 +101,24 @@ def _render_plain(messages: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
+def _logprobs(output, k: int) -> list[TokenLogprob]:
+    """vLLM's per-token {token_id: Logprob} maps -> the sampled token and its top k."""
+    result = []
+    for token_id, alternatives in zip(output.token_ids, output.logprobs or [], strict=False):
+        chosen = alternatives[token_id]
+        top = [(tid, lp) for tid, lp in alternatives.items() if lp.rank and lp.rank <= k]
+        top.sort(key=lambda kv: kv[1].rank)
+        result.append(
+            TokenLogprob(
+                token_id=token_id,
+                token=chosen.decoded_token or "",
+                logprob=chosen.logprob,
+                top=[(tid, lp.decoded_token or "", lp.logprob) for tid, lp in top],
+            )
+        )
+    return result
+
+
 class VllmEngine(Engine):
     """vLLM AsyncLLM behind the Engine interface."""
 
@@ -173,7 +191,7 @@ class VllmEngine(Engine):
                         index=o.index,
                         text=o.text,
                         token_ids=o.token_ids,
-                        logprobs=self._convert_logprobs(o) if spec.logprobs is not None else None,
+                        logprobs=_logprobs(o, spec.logprobs) if spec.logprobs is not None else None,
                         finish_reason=o.finish_reason,
                     )
                     for o in out.outputs
@@ -187,23 +205,6 @@ class VllmEngine(Engine):
             if isinstance(e, EngineDeadError | EngineGenerateError):
                 raise EngineError(f"engine failed: {e.__class__.__name__}: {e}") from e
             raise
-
-    def _convert_logprobs(self, output) -> list[TokenLogprob]:
-        result = []
-        for token_id, alternatives in zip(output.token_ids, output.logprobs or [], strict=False):
-            chosen = alternatives[token_id]
-            top = sorted(
-                ((tid, lp) for tid, lp in alternatives.items()), key=lambda kv: kv[1].rank or 0
-            )
-            result.append(
-                TokenLogprob(
-                    token_id=token_id,
-                    token=chosen.decoded_token or "",
-                    logprob=chosen.logprob,
-                    top=[(tid, lp.decoded_token or "", lp.logprob) for tid, lp in top if lp.rank],
-                )
-            )
-        return result
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

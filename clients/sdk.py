@@ -1,0 +1,416 @@
+"""Typed Python SDK for the instructloop public API (instructloop.v1.InstructLoop).
+
+Two clients with the same methods: `Client` (blocking) and `AsyncClient` (asyncio).
+Both are thin: they build the request messages from Python arguments, call the generated
+stubs and return the response messages unchanged. Errors are the `grpc.RpcError` the
+server raised; `code()` and `details()` say what went wrong.
+
+Retries are gRPC's own (a retryPolicy in the channel's service config): a call that
+fails with UNAVAILABLE is retried with exponential backoff inside one deadline. Feedback
+calls always carry an idempotency key (one uuid4 per call when none is given), so a
+retried SubmitFeedback is recorded once.
+
+    with Client("localhost:50051") as client:
+        response = client.generate("Write a haiku about queues.", n=4, user_id="ann")
+        ids = [s.sample_id for s in response.samples]
+        client.rank(response.prompt_id, [ids[2], (ids[0], ids[1]), ids[3]], user_id="ann")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
+
+import grpc
+import grpc.aio
+
+from instructloop.v1 import api_pb2, api_pb2_grpc
+
+from . import wire
+from .wire import Metadata, RankItem
+
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "default_target"]
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def default_target() -> str:
+    """The server address: $INSTRUCTLOOP_TARGET, else localhost:50051."""
+    return os.environ.get("INSTRUCTLOOP_TARGET") or DEFAULT_TARGET
+
+
+class _Base:
+    """What both clients share: target, default deadline and call metadata."""
+
+    def __init__(
+        self,
+        target: str | None,
+        timeout: float | None,
+        max_attempts: int,
+        metadata: Metadata | None,
+    ) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.metadata = wire.normalize_metadata(metadata) or None
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+# --- blocking client --------------------------------------------------------------------
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager, or call close() when done."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        max_attempts: int = 4,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """Connect lazily to target (default: $INSTRUCTLOOP_TARGET or localhost:50051).
+
+        timeout is the default deadline in seconds of each call (None: no deadline);
+        max_attempts bounds gRPC's retries on UNAVAILABLE (at most 5); metadata is sent
+        with every call (e.g. {"authorization": "Bearer ..."}); credentials make the
+        channel a TLS channel.
+        """
+        super().__init__(target, timeout, max_attempts, metadata)
+        options = wire.channel_options(max_attempts)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            self.channel = grpc.secure_channel(self.target, credentials, options=options)
+        self._stub = api_pb2_grpc.InstructLoopStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        n: int = 1,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: int | None = None,
+        user_id: str = "",
+        log: bool = True,
+        timeout: float | None = None,
+    ) -> api_pb2.GenerateResponse:
+        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts)."""
+        request = wire.generate_request(
+            prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
+            logprobs, user_id, log,
+        )  # fmt: skip
+        return self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        n: int = 1,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: int | None = None,
+        user_id: str = "",
+        log: bool = True,
+        timeout: float | None = None,
+    ) -> Iterator[api_pb2.GenerateStreamResponse]:
+        """Like generate, streamed: deltas, then one final GenerateResponse.
+
+        The call starts on the first next(). Leaving the iteration early (break, an
+        exception, close()) cancels the RPC, so the server aborts the generation.
+        """
+        request = wire.generate_request(
+            prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
+            logprobs, user_id, log,
+        )  # fmt: skip
+        return _iterate(
+            lambda: self._stub.GenerateStream(
+                request, timeout=self._timeout(timeout), metadata=self.metadata
+            )
+        )
+
+    def submit_feedback(
+        self, request: api_pb2.SubmitFeedbackRequest, *, timeout: float | None = None
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Send a SubmitFeedbackRequest as is (an idempotency key is added if missing)."""
+        return self._stub.SubmitFeedback(
+            wire.with_idempotency_key(request),
+            timeout=self._timeout(timeout),
+            metadata=self.metadata,
+        )
+
+    def rank(
+        self,
+        prompt_id: str,
+        ranking: Sequence[RankItem],
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Rank samples best to worst; an item is a sample id or a tuple of tied ids."""
+        request = wire.feedback_request(
+            prompt_id, user_id, idempotency_key, ranking=wire.ranking(ranking)
+        )
+        return self.submit_feedback(request, timeout=timeout)
+
+    def choose(
+        self,
+        prompt_id: str,
+        chosen: str,
+        rejected: str = "",
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Prefer chosen over rejected (rejected may be empty when there are two samples)."""
+        choice = api_pb2.Choice(chosen_sample_id=chosen, rejected_sample_id=rejected)
+        request = wire.feedback_request(prompt_id, user_id, idempotency_key, choice=choice)
+        return self.submit_feedback(request, timeout=timeout)
+
+    def demonstrate(
+        self,
+        prompt_id: str,
+        text: str,
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Send the answer the user would have wanted."""
+        demo = api_pb2.Demonstration(text=text)
+        request = wire.feedback_request(prompt_id, user_id, idempotency_key, demonstration=demo)
+        return self.submit_feedback(request, timeout=timeout)
+
+    def rate(
+        self,
+        prompt_id: str,
+        scores: Mapping[str, float],
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Score samples on the server's rating scale: {sample_id: score}."""
+        request = wire.feedback_request(
+            prompt_id, user_id, idempotency_key, rating=wire.rating(scores)
+        )
+        return self.submit_feedback(request, timeout=timeout)
+
+    def get_model(self, *, timeout: float | None = None) -> api_pb2.ModelInfo:
+        """Describe the model version the answering replica serves, and its limits."""
+        return self._stub.GetModel(
+            api_pb2.GetModelRequest(), timeout=self._timeout(timeout), metadata=self.metadata
+        )
+
+
+def _iterate(start: Callable[[], Any]) -> Iterator[api_pb2.GenerateStreamResponse]:
+    call = start()
+    try:
+        yield from call
+    finally:
+        call.cancel()  # a no-op when the stream already ended
+
+
+# --- asyncio client ---------------------------------------------------------------------
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same methods as Client. Use `async with`, or await close()."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        max_attempts: int = 4,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """Same arguments as Client. Create it inside the event loop that will use it."""
+        super().__init__(target, timeout, max_attempts, metadata)
+        options = wire.channel_options(max_attempts)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+        self._stub = api_pb2_grpc.InstructLoopStub(self.channel)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        n: int = 1,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: int | None = None,
+        user_id: str = "",
+        log: bool = True,
+        timeout: float | None = None,
+    ) -> api_pb2.GenerateResponse:
+        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts)."""
+        request = wire.generate_request(
+            prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
+            logprobs, user_id, log,
+        )  # fmt: skip
+        return await self._stub.Generate(
+            request, timeout=self._timeout(timeout), metadata=self.metadata
+        )
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        n: int = 1,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: int | None = None,
+        user_id: str = "",
+        log: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
+        """Like generate, streamed: `async for` over deltas, then one final response.
+
+        Leaving the iteration cancels the RPC. After a `break`, the iterator is closed
+        when it is garbage-collected; wrap it in contextlib.aclosing() to cancel at once.
+        """
+        request = wire.generate_request(
+            prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
+            logprobs, user_id, log,
+        )  # fmt: skip
+        return _aiterate(
+            lambda: self._stub.GenerateStream(
+                request, timeout=self._timeout(timeout), metadata=self.metadata
+            )
+        )
+
+    async def submit_feedback(
+        self, request: api_pb2.SubmitFeedbackRequest, *, timeout: float | None = None
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Send a SubmitFeedbackRequest as is (an idempotency key is added if missing)."""
+        return await self._stub.SubmitFeedback(
+            wire.with_idempotency_key(request),
+            timeout=self._timeout(timeout),
+            metadata=self.metadata,
+        )
+
+    async def rank(
+        self,
+        prompt_id: str,
+        ranking: Sequence[RankItem],
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Rank samples best to worst; an item is a sample id or a tuple of tied ids."""
+        request = wire.feedback_request(
+            prompt_id, user_id, idempotency_key, ranking=wire.ranking(ranking)
+        )
+        return await self.submit_feedback(request, timeout=timeout)
+
+    async def choose(
+        self,
+        prompt_id: str,
+        chosen: str,
+        rejected: str = "",
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Prefer chosen over rejected (rejected may be empty when there are two samples)."""
+        choice = api_pb2.Choice(chosen_sample_id=chosen, rejected_sample_id=rejected)
+        request = wire.feedback_request(prompt_id, user_id, idempotency_key, choice=choice)
+        return await self.submit_feedback(request, timeout=timeout)
+
+    async def demonstrate(
+        self,
+        prompt_id: str,
+        text: str,
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Send the answer the user would have wanted."""
+        demo = api_pb2.Demonstration(text=text)
+        request = wire.feedback_request(prompt_id, user_id, idempotency_key, demonstration=demo)
+        return await self.submit_feedback(request, timeout=timeout)
+
+    async def rate(
+        self,
+        prompt_id: str,
+        scores: Mapping[str, float],
+        *,
+        user_id: str,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SubmitFeedbackResponse:
+        """Score samples on the server's rating scale: {sample_id: score}."""
+        request = wire.feedback_request(
+            prompt_id, user_id, idempotency_key, rating=wire.rating(scores)
+        )
+        return await self.submit_feedback(request, timeout=timeout)
+
+    async def get_model(self, *, timeout: float | None = None) -> api_pb2.ModelInfo:
+        """Describe the model version the answering replica serves, and its limits."""
+        return await self._stub.GetModel(
+            api_pb2.GetModelRequest(), timeout=self._timeout(timeout), metadata=self.metadata
+        )
+
+
+async def _aiterate(start: Callable[[], Any]) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
+    call = start()
+    try:
+        async for message in call:
+            yield message
+    finally:
+        call.cancel()  # a no-op when the stream already ended

@@ -1,0 +1,131 @@
+"""Shared fixtures: real parts only.
+
+- `tiny_model`: the default policy built locally (no downloads), once per session.
+- `redis_server`: a real redis-server on an ephemeral loopback port with AOF.
+- `server`: the real instructloop server as a subprocess (real vLLM engine on CPU),
+  started once per session against `redis_server`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from instructloop.redis_embedded import EmbeddedRedis, free_port
+
+SERVER_START_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from instructloop.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    r = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port()).start()
+    yield r
+    r.stop()
+
+
+@dataclass
+class ServerProcess:
+    target: str
+    metrics_url: str
+    proc: subprocess.Popen
+    log_path: Path
+    prefix: str
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus sample over all its labels."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def wait_serving(target: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()[-5000:]}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"server not SERVING after {timeout}s:\n{log_path.read_text()[-5000:]}")
+
+
+def start_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extra: str):
+    port, metrics_port = free_port(), free_port()
+    log_path = workdir / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "instructloop.cli", "serve",
+        "--model", str(model),
+        "--redis-url", redis_url,
+        "--redis-prefix", prefix,
+        "--port", str(port),
+        "--metrics-port", str(metrics_port),
+        "--data-dir", str(workdir),
+        "--log-format", "text",
+        *extra,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(
+        f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path, prefix
+    )
+    try:
+        wait_serving(server.target, proc, log_path, SERVER_START_TIMEOUT_S)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: ServerProcess) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, redis_server, tmp_path_factory):
+    s = start_server(tiny_model, redis_server.url, tmp_path_factory.mktemp("server"), "itest")
+    yield s
+    code = stop_server(s)
+    assert code == 0, f"server did not stop cleanly (exit {code}):\n{s.log_tail()}"
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
