@@ -10,11 +10,11 @@ import textwrap
 import time
 
 import pytest
+
+from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import synthetic
 from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
 from instructloop.learner.dataset import Dataset, DatasetConfig, dedup_prompts, user_split
-
-from instructloop.keys import DATA_FIELD, Keys
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
 
