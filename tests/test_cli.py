@@ -1,0 +1,58 @@
+"""The `instructloop` client commands, run as a user would, against the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.v1 import records_pb2
+
+
+def run_cli(*args: str, target: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, INSTRUCTLOOP_TARGET=target, COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "instructloop.cli", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_generate_then_rank_with_a_tie(server, redis_server):
+    out = run_cli("generate", "--n", "4", "--max-tokens", "6", "--json", "reverse: cli",
+                  target=server.target)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    response = json.loads(out.stdout)
+    ids = [s["sample_id"] for s in response["samples"]]
+    assert len(ids) == 4 and response["version"] == "v0"
+
+    out = run_cli("feedback", "rank", response["prompt_id"], ids[2], f"{ids[0]}={ids[1]}", ids[3],
+                  "--user", "cli-user", target=server.target)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    feedback_id = out.stdout.split("feedback_id")[1].split()[0]
+
+    entries = redis_server.client().xrange(Keys(server.prefix).feedback_stream)
+    stored = {
+        r.feedback_id: r
+        for r in (records_pb2.FeedbackRecord.FromString(f[DATA_FIELD]) for _, f in entries)
+    }
+    tiers = [list(t.sample_ids) for t in stored[feedback_id].feedback.ranking.tiers]
+    assert tiers == [[ids[2]], [ids[0], ids[1]], [ids[3]]]
+    assert stored[feedback_id].feedback.user_id == "cli-user"
+
+
+def test_readable_output_names_prompt_and_samples(server):
+    out = run_cli("generate", "--n", "2", "--max-tokens", "4", "sort: b a", target=server.target)
+    assert out.returncode == 0, out.stderr
+    assert "p-" in out.stdout and out.stdout.count("s-") >= 2 and "v0" in out.stdout
+
+    out = run_cli("model", target=server.target)
+    assert out.returncode == 0 and "v0" in out.stdout
+
+
+def test_errors_are_one_line_with_the_status_code(server):
+    out = run_cli("feedback", "rank", "p-missing", "s-a", "s-b", "--user", "x",
+                  target=server.target)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: NOT_FOUND:") and "Traceback" not in out.stderr
