@@ -1,0 +1,414 @@
+"""Step 3 of InstructGPT: PPO against the reward model, with a per-token KL penalty.
+
+Readable top to bottom, like cleanrl's ppo.py. One iteration:
+
+  1. rollout   fresh samples for a batch of logged prompts from the current policy
+               (HF generate), with the log-probs of the policy and the reference (SFT)
+               policy, and the value model's estimate at every response token;
+  2. reward    r_t = -beta * (log pi(a_t) - log pi_ref(a_t)) at every token, plus the RM
+               score of (prompt, response) at the last token;
+  3. GAE       advantages with gamma = 1 and lambda configurable, whitened;
+  4. update    `ppo_epochs` passes of clipped policy loss + clipped value loss
+               (+ the PPO-ptx term: ptx_coef * language-model loss on demonstration text,
+               in the same step), over minibatches.
+
+The value model starts from the RM (the same backbone + scalar head, read at every token;
+see reward.token_values). The policy update is full weights or a LoRA adapter (peft).
+The result is saved as an HF checkpoint dir (full) or a peft adapter dir (LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from instructloop.learner.reward import load_reward_model, score_texts, token_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    """One PPO run (one round's step 3). Defaults follow InstructGPT where it says."""
+
+    iterations: int = field(default=64, metadata={"help": "Rollout + update iterations."})
+    rollout_prompts: int = field(default=16, metadata={"help": "Prompts sampled per iteration."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompt tokens kept (the end of a longer prompt)."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    minibatch_size: int = field(default=8, metadata={"help": "Episodes per gradient step."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Policy AdamW learning rate."})
+    value_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Value model AdamW learning rate."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    kl_beta: float = field(
+        default=0.02, metadata={"help": "Per-token KL penalty beta * (log pi - log pi_ref)."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount (the paper: 1)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    value_clip_range: float = field(default=0.2, metadata={"help": "Value change clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={"help": "PPO-ptx gamma: weight of the LM loss on demonstration text (0 = off)."},
+    )
+    ptx_batch_size: int = field(default=4, metadata={"help": "ptx texts per gradient step."})
+    lora: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter instead of full weights."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "peft target_modules for the adapter."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
+    log_every: int = field(default=1, metadata={"help": "Log every N iterations."})
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def load_policy(model_dir: str | Path):
+    """(model, tokenizer) of a full checkpoint or a peft adapter dir; left padding."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    if (Path(model_dir) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model, tokenizer
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def response_logprobs(model, seq, attn, pos, prompt_len: int, temperature: float):
+    """Log-prob and entropy of each response token under `model`: two [B, R] tensors."""
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits
+    logits = logits[:, prompt_len - 1 : -1] / temperature  # [B, R, V]: predicts token t
+    logp_all = F.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)  # [B, R]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, R]
+    return logp, entropy
+
+
+@dataclass
+class Rollout:
+    """A batch of episodes: prompt (left-padded, P tokens) + response (R tokens)."""
+
+    prompts: list[str]
+    seq: torch.Tensor  # [B, P+R] token ids
+    attn: torch.Tensor  # [B, P+R] 1 on real tokens
+    pos: torch.Tensor  # [B, P+R] position ids (left padding aware)
+    prompt_len: int  # P
+    mask: torch.Tensor  # [B, R] 1 on response tokens up to and including EOS
+    texts: list[str]  # decoded responses
+    logp: torch.Tensor  # [B, R] policy log-probs at sampling time
+    ref_logp: torch.Tensor  # [B, R] reference log-probs
+
+
+@torch.no_grad()
+def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig) -> Rollout:
+    """Sample one response per prompt from the policy, with policy and reference log-probs."""
+    enc = tokenizer(
+        list(prompts),
+        padding=True,
+        truncation=True,
+        max_length=cfg.max_prompt_length,
+        return_tensors="pt",
+    )
+    P = enc["input_ids"].shape[1]
+    seq = policy.generate(
+        **enc,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # [B, P+R]
+    response = seq[:, P:]  # [B, R]
+    is_eos = (response == tokenizer.eos_token_id).long()
+    mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()  # up to and including the first EOS
+    attn = torch.cat([enc["attention_mask"], mask], dim=1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logp, _ = response_logprobs(policy, seq, attn, pos, P, cfg.temperature)
+    ref_logp, _ = response_logprobs(ref, seq, attn, pos, P, cfg.temperature)
+    texts = [
+        tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+        for r, m in zip(response, mask, strict=True)
+    ]
+    return Rollout(list(prompts), seq, attn, pos, P, mask.float(), texts, logp, ref_logp)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    rewards, values, mask: [B, R]. Values after the end of a response are zero, so the
+    bootstrap past the last token is 0 (the episode ends there).
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def train_ppo(
+    cfg: PPOConfig,
+    prompts: Sequence[str],
+    policy_dir: str | Path,
+    reward_dir: str | Path,
+    out_dir: str | Path,
+    ref_dir: str | Path | None = None,
+    value_dir: str | Path | None = None,
+    ptx_texts: Sequence[str] = (),
+) -> dict:
+    """Run PPO and save the policy to out_dir. Returns metrics with a per-iteration history.
+
+    policy_dir: the policy to improve (a full checkpoint); ref_dir: the KL reference
+    (default: policy_dir, i.e. the SFT policy); reward_dir: the RM; value_dir: where the
+    value model starts (default: the RM); ptx_texts: text for the PPO-ptx term.
+    """
+    if not prompts:
+        raise ValueError("PPO needs at least one prompt")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    # ---- models: policy (trained), reference (frozen), value (trained), reward (frozen)
+    policy, tokenizer = load_policy(policy_dir)
+    ref, _ = load_policy(ref_dir or policy_dir)
+    reward_model, reward_tokenizer = load_reward_model(reward_dir)
+    value_model, _ = load_reward_model(value_dir or reward_dir)
+    if value_model.config.vocab_size != policy.config.vocab_size:
+        raise ValueError("the value model must share the policy's tokenizer (init it from the RM)")
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=cfg.lora_target_modules,
+        )
+        policy = get_peft_model(policy, lora)
+    for m in (ref, reward_model):
+        m.requires_grad_(False)
+    for m in (policy, ref, reward_model, value_model):
+        m.eval()  # no dropout: log-probs at sampling and update time must agree
+    optim = torch.optim.AdamW(
+        [
+            {"params": [p for p in policy.parameters() if p.requires_grad]},
+            {"params": value_model.parameters(), "lr": cfg.value_learning_rate},
+        ],
+        lr=cfg.learning_rate,
+        eps=1e-5,
+    )
+    ptx_order = list(ptx_texts)
+    ptx_cursor = 0
+
+    history = []
+    timing = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0}
+    episodes, t_start = 0, time.perf_counter()
+    for it in range(1, cfg.iterations + 1):
+        # ------------------------------------------------------------ 1. rollout
+        t0 = time.perf_counter()
+        batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]
+        ro = rollout(policy, ref, tokenizer, batch_prompts, cfg)
+        P, mask = ro.prompt_len, ro.mask  # mask: [B, R]
+        t1 = time.perf_counter()
+
+        # ------------------------------------------------------------ 2. reward
+        with torch.no_grad():
+            scores = score_texts(
+                reward_model, reward_tokenizer, ro.prompts, ro.texts
+            )  # [B], bias applied
+            values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
+            kl = (ro.logp - ro.ref_logp) * mask  # [B, R] per-token KL estimate
+            rewards = -cfg.kl_beta * kl
+            last = mask.sum(-1).long() - 1  # [B] index of the last response token
+            rewards[torch.arange(len(last)), last] += scores
+
+            # -------------------------------------------------------- 3. GAE
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask)
+        t2 = time.perf_counter()
+
+        # ------------------------------------------------------------ 4. update
+        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "entropy": [], "ptx_loss": []}
+        B = ro.seq.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(B).split(cfg.minibatch_size):
+                mb_mask = mask[idx]
+                logp, entropy = response_logprobs(
+                    policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
+                )
+                ratio = torch.exp(logp - ro.logp[idx])
+                adv = advantages[idx]
+                pg_loss = masked_mean(
+                    torch.max(
+                        -adv * ratio,
+                        -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range),
+                    ),
+                    mb_mask,
+                )
+                v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
+                v_new = v_new[:, P - 1 : -1]
+                v_old = values[idx]
+                v_clipped = v_old + (v_new - v_old).clamp(
+                    -cfg.value_clip_range, cfg.value_clip_range
+                )
+                vf_loss = 0.5 * masked_mean(
+                    torch.max((v_new - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2),
+                    mb_mask,
+                )
+                loss = pg_loss + cfg.vf_coef * vf_loss
+
+                # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step.
+                if cfg.ptx_coef > 0 and ptx_order:
+                    texts = [
+                        ptx_order[(ptx_cursor + j) % len(ptx_order)]
+                        for j in range(cfg.ptx_batch_size)
+                    ]
+                    ptx_cursor += cfg.ptx_batch_size
+                    enc = tokenizer(
+                        texts,
+                        padding=True,
+                        truncation=True,
+                        max_length=cfg.max_prompt_length,
+                        return_tensors="pt",
+                    )
+                    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                    ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    stats["ptx_loss"].append(ptx_loss.item())
+
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                optim.step()
+                with torch.no_grad():
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["vf_loss"].append(vf_loss.item())
+                    clipped = ((ratio - 1).abs() > cfg.clip_range).float()
+                    stats["clipfrac"].append(masked_mean(clipped, mb_mask).item())
+                    stats["entropy"].append(masked_mean(entropy, mb_mask).item())
+        t3 = time.perf_counter()
+
+        # ------------------------------------------------------------ logging
+        episodes += B
+        timing["rollout_s"] += t1 - t0
+        timing["scoring_s"] += t2 - t1
+        timing["update_s"] += t3 - t2
+        row = {
+            "iteration": it,
+            "score": scores.mean().item(),
+            "kl": kl.sum(-1).mean().item(),  # per sequence, summed over tokens
+            "reward": rewards.sum(-1).mean().item(),
+            "response_len": mask.sum(-1).mean().item(),
+            "episodes_per_s": episodes / (time.perf_counter() - t_start),
+            **{k: sum(v) / len(v) for k, v in stats.items() if v},
+        }
+        history.append(row)
+        if it % cfg.log_every == 0 or it == cfg.iterations:
+            log.info(
+                "ppo it %d/%d score %.3f kl %.3f reward %.3f entropy %.2f clipfrac %.3f "
+                "vf_loss %.4f  %.1f episodes/s",
+                it,
+                cfg.iterations,
+                row["score"],
+                row["kl"],
+                row["reward"],
+                row.get("entropy", float("nan")),
+                row.get("clipfrac", float("nan")),
+                row.get("vf_loss", float("nan")),
+                row["episodes_per_s"],
+            )
+
+    # ---- save: a full checkpoint, or only the adapter
+    out = Path(out_dir)
+    policy.save_pretrained(out)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+    tail = history[-max(1, len(history) // 4) :]
+    metrics = {
+        "iterations": cfg.iterations,
+        "episodes": episodes,
+        "seconds": time.perf_counter() - t_start,
+        **timing,
+        "kind": "lora" if cfg.lora else "full",
+        "score_first": history[0]["score"],
+        "score_last": sum(r["score"] for r in tail) / len(tail),
+        "kl_last": sum(r["kl"] for r in tail) / len(tail),
+        "history": history,
+    }
+    (out / "instructloop_ppo.json").write_text(
+        json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2) + "\n"
+    )
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy_dir: str | Path,
+    reward_dir: str | Path,
+    prompts: Sequence[str],
+    ref_dir: str | Path | None = None,
+    cfg: PPOConfig | None = None,
+    samples_per_prompt: int = 1,
+) -> dict:
+    """Mean RM score of fresh samples and their KL to the reference (summed per sequence)."""
+    cfg = cfg or PPOConfig()
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = load_policy(policy_dir)
+    ref, _ = load_policy(ref_dir or policy_dir)
+    reward_model, reward_tokenizer = load_reward_model(reward_dir)
+    for m in (policy, ref, reward_model):
+        m.eval()
+    scores, kls = [], []
+    batch = [p for p in prompts for _ in range(samples_per_prompt)]
+    for i in range(0, len(batch), cfg.rollout_prompts):
+        ro = rollout(policy, ref, tokenizer, batch[i : i + cfg.rollout_prompts], cfg)
+        scores.append(score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts))
+        kls.append(((ro.logp - ro.ref_logp) * ro.mask).sum(-1))
+    return {
+        "mean_score": torch.cat(scores).mean().item(),
+        "kl": torch.cat(kls).mean().item(),
+        "episodes": len(batch),
+    }

@@ -1,0 +1,292 @@
+"""Step 2 of InstructGPT: a reward model trained on rankings with the K-wise loss.
+
+The model is an HF sequence classifier with one output (AutoModelForSequenceClassification,
+num_labels=1): the policy's backbone plus a linear `score` head. The reward of
+(prompt, answer) is the head applied to the hidden state of the last token of
+prompt + answer + EOS. The same head applied at every position gives per-token values,
+which is how PPO's value model starts from the RM (`token_values`).
+
+The loss (Ouyang et al. 2022, eq. 1): for a prompt with K ranked answers,
+
+    loss = -1/C(K,2) * sum over pairs (w better than l) of log sigmoid(r(x, y_w) - r(x, y_l))
+
+All pairs of one prompt form ONE batch element, and each of the K answers is forwarded
+ONCE: the pair terms are differences of K scalars. Ties (answers in the same tier) give no
+pair. Shuffling pairs as independent examples would forward each answer K-1 times and,
+the paper found, overfit.
+
+After one epoch, a bias makes demonstrations score mean 0 (the paper normalised the RM so
+labeler demonstrations have mean score 0 before RL). The bias is stored in the model's
+config as `reward_offset` and subtracted by every scoring function here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from instructloop.learner.dataset import Comparison, Demonstration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig:
+    """Training of one reward model version."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_prompts: int = field(
+        default=8,
+        metadata={"help": "Batch elements per step; one element = one prompt with all its pairs."},
+    )
+    epochs: int = field(
+        default=1,
+        metadata={"help": "Passes over the new comparisons (the paper: 1; more overfits)."},
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Tokens of prompt + answer; longer inputs lose the prompt's start."},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward."})
+    seed: int = field(default=0, metadata={"help": "Seed for the order of batch elements."})
+    log_every: int = field(default=10, metadata={"help": "Log progress every N steps."})
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def pairs_from_tiers(tiers: Sequence[int]) -> list[tuple[int, int]]:
+    """(winner, loser) index pairs of every two answers in different tiers (0 = best)."""
+    k = len(tiers)
+    return [
+        (i, j) if tiers[i] < tiers[j] else (j, i)
+        for i in range(k)
+        for j in range(i + 1, k)
+        if tiers[i] != tiers[j]
+    ]
+
+
+def kwise_loss(scores: torch.Tensor, tiers: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """InstructGPT loss of one prompt: -mean over its pairs of log sigmoid(r_w - r_l).
+
+    scores: [K] rewards of the K answers; tiers: [K] tier of each answer (0 = best).
+    Returns (loss, number of pairs); the loss is 0 when every answer is tied.
+    """
+    pairs = pairs_from_tiers(tiers)
+    if not pairs:
+        return scores.sum() * 0.0, 0
+    w, lose = torch.tensor(pairs, device=scores.device).unbind(-1)  # [P], [P]
+    return -F.logsigmoid(scores[w] - scores[lose]).mean(), len(pairs)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a policy base (new head) or a previous RM dir (warm start)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"  # the score is read at the end: keep the end
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> dict:
+    """Right-padded prompt + answer + EOS, the exact text format the RM scores."""
+    texts = [p + a + tokenizer.eos_token for p, a in zip(prompts, answers, strict=True)]
+    return tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        add_special_tokens=True,
+    )
+
+
+def token_values(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None
+) -> torch.Tensor:
+    """The score head at every position: [B, T]. One backbone forward for the batch."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # [B, T, H]
+    offset = getattr(model.config, "reward_offset", 0.0)
+    return model.score(hidden).squeeze(-1) - offset  # [B, T]
+
+
+def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward of each right-padded row, read at its last real token: [B]."""
+    values = token_values(model, input_ids, attention_mask)  # [B, T]
+    last = attention_mask.sum(-1) - 1  # [B]
+    return values[torch.arange(values.shape[0]), last]
+
+
+@torch.no_grad()
+def score_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_length: int = 512,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Rewards of (prompt, answer) pairs: [N], with the demonstration bias applied."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = encode(
+            tokenizer, prompts[i : i + batch_size], answers[i : i + batch_size], max_length
+        )
+        out.append(end_scores(model, enc["input_ids"], enc["attention_mask"]))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_accuracy(
+    model, tokenizer, comparisons: Sequence[Comparison], max_length: int = 512, batch_size: int = 64
+) -> tuple[float, int]:
+    """Fraction of (better, worse) pairs the RM orders correctly, and the number of pairs."""
+    prompts = [c.prompt for c in comparisons for _ in c.answers]
+    answers = [a for c in comparisons for a in c.answers]
+    scores = score_texts(model, tokenizer, prompts, answers, max_length, batch_size).tolist()
+    correct = total = 0
+    start = 0
+    for c in comparisons:
+        s = scores[start : start + len(c.answers)]
+        start += len(c.answers)
+        for w, lose in pairs_from_tiers(c.tiers):
+            correct += s[w] > s[lose]
+            total += 1
+    return (correct / total if total else float("nan")), total
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def kwise_step_loss(
+    model, tokenizer, batch: Sequence[Comparison], max_length: int
+) -> tuple[torch.Tensor, int]:
+    """Mean K-wise loss of a batch of prompts: every answer of every prompt in ONE forward."""
+    prompts = [c.prompt for c in batch for _ in c.answers]
+    answers = [a for c in batch for a in c.answers]
+    enc = encode(tokenizer, prompts, answers, max_length)  # [sum K, T]
+    scores = end_scores(model, enc["input_ids"], enc["attention_mask"])  # [sum K]
+    losses, n_pairs, start = [], 0, 0
+    for c in batch:
+        loss, n = kwise_loss(scores[start : start + len(c.answers)], c.tiers)
+        start += len(c.answers)
+        if n:
+            losses.append(loss)
+            n_pairs += n
+    return torch.stack(losses).mean(), n_pairs
+
+
+def train_reward_model(
+    cfg: RewardConfig,
+    comparisons: Sequence[Comparison],
+    init_dir: str | Path,
+    out_dir: str | Path,
+    heldout: Sequence[Comparison] = (),
+    demonstrations: Sequence[Demonstration] = (),
+) -> dict:
+    """Train one RM version and save it to out_dir (HF format). Returns its metrics.
+
+    init_dir is the policy's base (new head) or the previous RM (warm start). The bias is
+    set so that `demonstrations` score mean 0; without any, the answers of `comparisons`
+    are used instead (and the metrics say so).
+    """
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_reward_model(init_dir)
+    model.train()
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    usable = [c for c in comparisons if pairs_from_tiers(c.tiers)]
+    steps_per_epoch = math.ceil(len(usable) / cfg.batch_prompts)
+    log.info(
+        "reward model: %d comparisons, %d steps/epoch x %d epochs, from %s",
+        len(usable),
+        steps_per_epoch,
+        cfg.epochs,
+        init_dir,
+    )
+
+    rng = random.Random(cfg.seed)
+    step, total_pairs, t0 = 0, 0, time.perf_counter()
+    recent_loss: list[float] = []
+    for _ in range(cfg.epochs):
+        order = list(usable)
+        rng.shuffle(order)  # shuffle prompts; the pairs of one prompt stay together
+        for i in range(0, len(order), cfg.batch_prompts):
+            loss, n_pairs = kwise_step_loss(
+                model, tokenizer, order[i : i + cfg.batch_prompts], cfg.max_length
+            )
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optim.step()
+            step += 1
+            total_pairs += n_pairs
+            recent_loss.append(loss.item())
+            if step % cfg.log_every == 0 or step == steps_per_epoch * cfg.epochs:
+                dt = time.perf_counter() - t0
+                log.info(
+                    "rm step %d/%d loss %.4f  %.1f comparisons/s",
+                    step,
+                    steps_per_epoch * cfg.epochs,
+                    sum(recent_loss[-cfg.log_every :]) / len(recent_loss[-cfg.log_every :]),
+                    total_pairs / dt,
+                )
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+
+    # ---- bias: demonstrations score mean 0 (before RL)
+    if demonstrations:
+        bias_on = "demonstrations"
+        prompts, answers = [d.prompt for d in demonstrations], [d.text for d in demonstrations]
+    else:
+        bias_on = "ranked answers"
+        prompts = [c.prompt for c in usable for _ in c.answers]
+        answers = [a for c in usable for a in c.answers]
+    if prompts:
+        mean = score_texts(model, tokenizer, prompts, answers, cfg.max_length, cfg.eval_batch_size)
+        model.config.reward_offset = getattr(model.config, "reward_offset", 0.0) + float(
+            mean.mean()
+        )
+
+    tail_loss = recent_loss[-cfg.log_every :]
+    metrics = {
+        "comparisons": len(usable),
+        "pairs": total_pairs,
+        "steps": step,
+        "train_loss": sum(tail_loss) / max(1, len(tail_loss)),
+        "train_seconds": train_seconds,
+        "comparisons_per_s": total_pairs / train_seconds if train_seconds else 0.0,
+        "reward_offset": float(getattr(model.config, "reward_offset", 0.0)),
+        "bias_on": bias_on,
+        "init_dir": str(init_dir),
+    }
+    if heldout:
+        acc, n = pairwise_accuracy(model, tokenizer, heldout, cfg.max_length, cfg.eval_batch_size)
+        metrics.update(heldout_accuracy=acc, heldout_pairs=n)
+        log.info("rm held-out pairwise accuracy %.3f on %d pairs", acc, n)
+
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "instructloop_reward.json").write_text(
+        json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2) + "\n"
+    )
+    return metrics
