@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import redis
 from google.protobuf.message import DecodeError
-from instructloop.learner.dataset import Dataset
 
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.learner.dataset import Dataset
 from instructloop.v1 import records_pb2
 
 log = logging.getLogger(__name__)
