@@ -38,3 +38,45 @@ class Keys:
     def idempotency(self, user_id: str, key: str) -> str:
         """'<content hash> <feedback id>' for a client-chosen idempotency key."""
         return f"{self.prefix}:idem:{user_id}:{key}"
+
+    # ---- model registry ----------------------------------------------------------------
+
+    @property
+    def versions(self) -> str:
+        """Hash: version id -> serialized admin_pb2.VersionInfo."""
+        return f"{self.prefix}:versions"
+
+    @property
+    def version_seq(self) -> str:
+        """Counter that allocates version ids (v1, v2, ...)."""
+        return f"{self.prefix}:version_seq"
+
+    @property
+    def aliases(self) -> str:
+        """Hash: alias ("current", "previous", "canary") -> version id."""
+        return f"{self.prefix}:aliases"
+
+    @property
+    def freeze(self) -> str:
+        """Serialized admin_pb2.FreezeState while automatic promotion is frozen."""
+        return f"{self.prefix}:freeze"
+
+    @property
+    def canary_share(self) -> str:
+        """Share of traffic routed to the canary alias, as a decimal string."""
+        return f"{self.prefix}:canary_share"
+
+    @property
+    def audit_stream(self) -> str:
+        """Stream of AuditRecord: every registry change, who, when, from and to."""
+        return f"{self.prefix}:stream:audit"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel of RegistryEvent."""
+        return f"{self.prefix}:events"
+
+    @property
+    def replicas(self) -> str:
+        """Hash: replica id -> serialized admin_pb2.ReplicaStatus (heartbeats)."""
+        return f"{self.prefix}:replicas"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,17 +19,22 @@ from grpc_reflection.v1alpha import reflection
 
 from instructloop.keys import Keys
 from instructloop.redis_embedded import EmbeddedRedis
-from instructloop.v1 import api_pb2, api_pb2_grpc
+from instructloop.registry import Registry, now_ts
+from instructloop.store import ModelStore
+from instructloop.v1 import admin_pb2, admin_pb2_grpc, api_pb2, api_pb2_grpc
 
+from .admin import AdminAuthInterceptor, AdminServicer
 from .config import ServerConfig
 from .engine import EngineError, VllmEngine
 from .errors import Unavailable
 from .logstore import LogStore
 from .metrics import Metrics
 from .servicer import InstructLoopServicer
+from .versions import VersionFollower
 
 log = logging.getLogger("instructloop.serve")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["InstructLoop"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_INTERVAL_S = 5.0
 SHUTDOWN_GRACE_S = 10.0
 
@@ -62,6 +68,22 @@ def ensure_model(cfg: ServerConfig) -> Path:
 
     log.info("building the default tiny model in %s", path)
     return build_tiny_model(path)
+
+
+def admin_token(cfg: ServerConfig) -> str:
+    """The configured token, else the one in DATA_DIR/admin-token (created on first use)."""
+    if cfg.admin_token:
+        return cfg.admin_token
+    path = Path(cfg.data_dir) / "admin-token"
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        log.info("created an admin token", extra={"path": str(path)})
+    return path.read_text().strip()
 
 
 async def _watch_health(
@@ -99,22 +121,35 @@ async def serve(cfg: ServerConfig) -> None:
         max_model_len=cfg.max_model_len,
         kv_cache_gib=cfg.kv_cache_gib,
         dtype=cfg.dtype,
+        enable_lora=cfg.enable_lora,
+        max_lora_rank=cfg.max_lora_rank,
+        max_loras=cfg.max_loras,
     )
     metrics.track_engine(engine.num_unfinished_requests)
     metrics.set_version(engine.version)
-    servicer = InstructLoopServicer(engine, store, cfg.limits, metrics)
+    registry = Registry(store.redis, Keys(cfg.redis_prefix))
+    model_store = ModelStore(cfg.store_dir)
+    follower = VersionFollower(engine, registry, model_store, metrics, cfg.poll_interval_s)
+    base = admin_pb2.VersionInfo(
+        id=cfg.version, kind="base", base_model=str(model_dir), path=str(model_dir),
+        created=now_ts(),
+    )  # fmt: skip
+    await follower.start(base)
+    servicer = InstructLoopServicer(engine, store, cfg.limits, metrics, follower)
 
     server = grpc.aio.server(
+        interceptors=[AdminAuthInterceptor(admin_token(cfg))],
         options=[
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     api_pb2_grpc.add_InstructLoopServicer_to_server(servicer, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry, model_store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if port == 0:
@@ -128,6 +163,9 @@ async def serve(cfg: ServerConfig) -> None:
             "target": f"{cfg.host}:{port}",
             "model": str(model_dir),
             "version": engine.version,
+            "replica": follower.replica_id,
+            "mode": follower.mode,
+            "store": str(model_store.root),
             "redis": redis_url,
             "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "",
         },
@@ -148,6 +186,7 @@ async def serve(cfg: ServerConfig) -> None:
         await server.stop(SHUTDOWN_GRACE_S)
     finally:
         watcher.cancel()
+        await follower.stop()
         await store.close()
         engine.shutdown()
         if redis_proc is not None:

@@ -84,6 +84,27 @@ class ServerConfig:
         default=9464, metadata={"help": "Prometheus metrics HTTP port (0 disables it)."}
     )
     version: str = field(default="v0", metadata={"help": "Version id of the served base model."})
+    model_store: str = field(
+        default="",
+        metadata={"help": "Published versions (a shared volume). Empty: DATA_DIR/store."},
+    )
+    admin_token: str = field(
+        default="",
+        metadata={
+            "help": "Credential for the Admin service (env INSTRUCTLOOP_ADMIN_TOKEN). Empty: "
+            "read DATA_DIR/admin-token, creating it (mode 0600) with a random token."
+        },
+    )
+    enable_lora: bool = field(
+        default=False,
+        metadata={"help": "Serve LoRA versions (adapters over the full weights), canary, pinning."},
+    )
+    max_lora_rank: int = field(default=16, metadata={"help": "Largest LoRA rank accepted."})
+    max_loras: int = field(default=4, metadata={"help": "LoRA versions held at once."})
+    poll_interval_s: float = field(
+        default=5.0,
+        metadata={"help": "Registry poll period; pub/sub events act at once, polls catch misses."},
+    )
     kv_cache_gib: int = field(
         default=1, metadata={"help": "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."}
     )
@@ -94,6 +115,10 @@ class ServerConfig:
     log_format: str = field(default="json", metadata={"help": "'json' or 'text' logs."})
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.model_store) if self.model_store else Path(self.data_dir) / "store"
 
     @property
     def model_dir(self) -> Path:

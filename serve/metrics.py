@@ -51,6 +51,15 @@ class Metrics:
             "instructloop_engine_unfinished_requests", "Requests inside the engine.", registry=r
         )
 
+        self.swaps = Counter(
+            "instructloop_swaps", "Version swaps by mode and result (ok, refused).",
+            ["mode", "result"], registry=r,
+        )  # fmt: skip
+        self.swap_seconds = Histogram(
+            "instructloop_swap_seconds", "Verify + load time of a version swap, by kind.",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+
     def track_engine(self, unfinished: Callable[[], int]) -> None:
         self.engine_unfinished.set_function(unfinished)
 

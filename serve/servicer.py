@@ -21,7 +21,7 @@ from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
 
 from . import validation
 from .config import Limits
-from .engine import Engine, EngineError, SampleDelta
+from .engine import Engine, EngineError, Lease, SampleDelta, VersionNotLoaded
 from .errors import (
     AlreadyExists,
     InvalidArgument,
@@ -31,6 +31,7 @@ from .errors import (
 )
 from .logstore import LogStore
 from .metrics import Metrics
+from .versions import VersionFollower
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     EngineError: grpc.StatusCode.UNAVAILABLE,
+    VersionNotLoaded: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _FINISH = {
     "stop": api_pb2.FINISH_REASON_STOP,
@@ -169,15 +171,27 @@ def _logprob(lp) -> api_pb2.TokenLogprob:
 
 
 class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
-    def __init__(self, engine: Engine, store: LogStore, limits: Limits, metrics: Metrics):
+    def __init__(
+        self,
+        engine: Engine,
+        store: LogStore,
+        limits: Limits,
+        metrics: Metrics,
+        follower: VersionFollower | None = None,
+    ):
         self.engine = engine
         self.store = store
         self.limits = limits
         self.metrics = metrics
+        self.follower = follower
         self._inflight = 0
-        self.last_swap_error = ""
 
     # ---- generation -------------------------------------------------------------------
+
+    def _lease(self, request: api_pb2.GenerateRequest):
+        """The request's version: its pin, the canary for a share of traffic, or current."""
+        pin = self.follower.route(request.version) if self.follower else request.version
+        return self.engine.lease(pin or None)
 
     def _admit(self, request: api_pb2.GenerateRequest) -> validation.GenerateJob:
         if self._inflight >= self.limits.max_concurrent_requests:
@@ -194,14 +208,15 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         )
 
     async def _run(
-        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator
+        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator, lease: Lease
     ) -> AsyncIterator[api_pb2.SampleDelta]:
         """Drive the engine for one request; abort it there if we stop early."""
         self._inflight += 1
         self.metrics.inflight.inc()
         finished = False
         try:
-            async for deltas in self.engine.generate(prompt_id, job.prompt_token_ids, job.spec):
+            deltas_stream = self.engine.generate(prompt_id, job.prompt_token_ids, job.spec, lease)
+            async for deltas in deltas_stream:
                 for d in deltas:
                     yield acc.add(d)
             finished = True
@@ -250,11 +265,12 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
     async def Generate(self, request, context):
         started = time.perf_counter()
         job = self._admit(request)
-        prompt_id, version = _new_id("p"), self.engine.version
-        acc = _Accumulator(job.spec.n, version, job.spec.logprobs is not None)
-        async for _ in self._run(job, prompt_id, acc):
-            pass
-        response = await self._finish(job, prompt_id, acc, version)
+        prompt_id = _new_id("p")
+        async with self._lease(request) as lease:
+            acc = _Accumulator(job.spec.n, lease.version, job.spec.logprobs is not None)
+            async for _ in self._run(job, prompt_id, acc, lease):
+                pass
+        response = await self._finish(job, prompt_id, acc, lease.version)
         self._log_generate(response, job, started)
         return response
 
@@ -262,11 +278,12 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
         job = self._admit(request)
-        prompt_id, version = _new_id("p"), self.engine.version
-        acc = _Accumulator(job.spec.n, version, job.spec.logprobs is not None)
-        async for delta in self._run(job, prompt_id, acc):
-            yield api_pb2.GenerateStreamResponse(delta=delta)
-        response = await self._finish(job, prompt_id, acc, version)
+        prompt_id = _new_id("p")
+        async with self._lease(request) as lease:
+            acc = _Accumulator(job.spec.n, lease.version, job.spec.logprobs is not None)
+            async for delta in self._run(job, prompt_id, acc, lease):
+                yield api_pb2.GenerateStreamResponse(delta=delta)
+        response = await self._finish(job, prompt_id, acc, lease.version)
         for s in response.samples:
             s.text = ""  # the deltas carried it
             s.ClearField("logprobs")
@@ -343,5 +360,5 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                 rating_min=lim.rating_min,
                 rating_max=lim.rating_max,
             ),
-            last_swap_error=self.last_swap_error,
+            last_swap_error=self.follower.last_swap_error if self.follower else "",
         )

@@ -134,6 +134,7 @@ def validate_generate(
 ) -> GenerateJob:
     """Check a Generate request against the limits and the model's context length."""
     _check_id("user_id", req.user_id, limits, required=False)
+    _check_id("version", req.version, limits, required=False)
     spec = _sampling(req, limits)
     text, chat = _prompt_text(req, limits, render_chat)
     token_ids = encode(text)

@@ -1,0 +1,260 @@
+"""The model registry in Redis: known versions and movable aliases, like MLflow aliases.
+
+Shared by the server (which follows `current` and serves the Admin API) and the learner
+(which registers and, unless frozen, promotes). Every alias change is one optimistic
+transaction (WATCH/MULTI) that moves the alias, appends an AuditRecord to the audit
+stream and publishes a RegistryEvent, so a change is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import WatchError
+
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.v1 import admin_pb2, records_pb2
+
+CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
+MAX_CANARY_SHARE = 0.5
+T = TypeVar("T")
+
+
+class RegistryError(Exception):
+    """Base class of registry refusals."""
+
+
+class UnknownVersion(RegistryError):
+    """No version with that id is registered."""
+
+
+class Frozen(RegistryError):
+    """Automatic promotion is frozen by an operator."""
+
+
+class NothingToRollBackTo(RegistryError):
+    """There is no `previous` version."""
+
+
+def now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+class Registry:
+    def __init__(self, redis: aioredis.Redis, keys: Keys):
+        self.redis = redis
+        self.keys = keys
+
+    # ---- versions ---------------------------------------------------------------------
+
+    async def next_version_id(self) -> str:
+        return f"v{await self.redis.incr(self.keys.version_seq)}"
+
+    async def register(self, info: admin_pb2.VersionInfo, actor: str) -> None:
+        """Make a complete, published version known. Ids are never reused."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.versions, info.id, info.SerializeToString())
+            self._audit(pipe, actor, "register", "", "", info.id, info.gate.reason)
+            await pipe.execute()
+
+    async def get(self, version: str) -> admin_pb2.VersionInfo:
+        data = await self.redis.hget(self.keys.versions, version)
+        if data is None:
+            raise UnknownVersion(f"version {version!r} is not registered")
+        info = admin_pb2.VersionInfo.FromString(data)
+        aliases = await self.aliases()
+        info.aliases.extend(sorted(a for a, v in aliases.items() if v == version))
+        return info
+
+    async def list(self) -> list[admin_pb2.VersionInfo]:
+        """All versions, newest first, with their aliases."""
+        raw = await self.redis.hgetall(self.keys.versions)
+        aliases = await self.aliases()
+        infos = [admin_pb2.VersionInfo.FromString(v) for v in raw.values()]
+        for info in infos:
+            info.aliases.extend(sorted(a for a, v in aliases.items() if v == info.id))
+        infos.sort(key=lambda i: (i.created.ToNanoseconds(), i.id), reverse=True)
+        return infos
+
+    async def aliases(self) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.aliases)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def alias(self, name: str) -> str | None:
+        value = await self.redis.hget(self.keys.aliases, name)
+        return value.decode() if value is not None else None
+
+    async def ensure_base(self, info: admin_pb2.VersionInfo) -> None:
+        """Register the base model (v0) and point `current` at it, if nothing is there yet."""
+        if await self.redis.hsetnx(self.keys.versions, info.id, info.SerializeToString()):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self._audit(pipe, "server", "register", "", "", info.id, "base model")
+                await pipe.execute()
+        if await self.redis.hsetnx(self.keys.aliases, CURRENT, info.id):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self._audit(pipe, "server", "bootstrap", CURRENT, "", info.id, "first start")
+                self._event(pipe, "bootstrap", CURRENT, info.id)
+                await pipe.execute()
+
+    # ---- alias moves ------------------------------------------------------------------
+
+    async def promote(
+        self, version: str, actor: str, reason: str = "", auto: bool = False
+    ) -> admin_pb2.AliasChange:
+        """current := version, previous := old current. auto=True (the learner) is
+        refused while frozen; operators can always promote."""
+        await self.get(version)
+
+        async def move(pipe) -> admin_pb2.AliasChange:
+            if auto and await pipe.exists(self.keys.freeze):
+                raise Frozen("automatic promotion is frozen by an operator")
+            old = await self._watched_alias(pipe, CURRENT)
+            if old == version:
+                return self._change(CURRENT, old, version, actor)
+            pipe.multi()
+            pipe.hset(self.keys.aliases, CURRENT, version)
+            if old:
+                pipe.hset(self.keys.aliases, PREVIOUS, old)
+            action = "auto-promote" if auto else "promote"
+            self._audit(pipe, actor, action, CURRENT, old, version, reason)
+            self._event(pipe, action, CURRENT, version)
+            return self._change(CURRENT, old, version, actor)
+
+        return await self._transaction(move, self.keys.aliases, self.keys.freeze)
+
+    async def rollback(
+        self, actor: str, version: str = "", reason: str = ""
+    ) -> admin_pb2.AliasChange:
+        """current := version (default: previous), previous := old current."""
+        if version:
+            await self.get(version)
+
+        async def move(pipe) -> admin_pb2.AliasChange:
+            old = await self._watched_alias(pipe, CURRENT)
+            target = version or await self._watched_alias(pipe, PREVIOUS)
+            if not target:
+                raise NothingToRollBackTo("there is no previous version to roll back to")
+            pipe.multi()
+            pipe.hset(self.keys.aliases, CURRENT, target)
+            if old and old != target:
+                pipe.hset(self.keys.aliases, PREVIOUS, old)
+            self._audit(pipe, actor, "rollback", CURRENT, old, target, reason)
+            self._event(pipe, "rollback", CURRENT, target)
+            return self._change(CURRENT, old, target, actor)
+
+        return await self._transaction(move, self.keys.aliases)
+
+    async def set_canary(
+        self, actor: str, version: str, share: float, reason: str = ""
+    ) -> admin_pb2.AliasChange:
+        """Route `share` of traffic to `version`; an empty version clears the canary."""
+        if version:
+            await self.get(version)
+            if not 0 < share <= MAX_CANARY_SHARE:
+                raise ValueError(f"canary share must be in (0, {MAX_CANARY_SHARE}]; got {share}")
+
+        async def move(pipe) -> admin_pb2.AliasChange:
+            old = await self._watched_alias(pipe, CANARY)
+            pipe.multi()
+            if version:
+                pipe.hset(self.keys.aliases, CANARY, version)
+                pipe.set(self.keys.canary_share, repr(float(share)))
+            else:
+                pipe.hdel(self.keys.aliases, CANARY)
+                pipe.delete(self.keys.canary_share)
+            self._audit(pipe, actor, "canary", CANARY, old, version, reason or f"share={share}")
+            self._event(pipe, "canary", CANARY, version)
+            return self._change(CANARY, old, version, actor)
+
+        return await self._transaction(move, self.keys.aliases)
+
+    async def canary(self) -> tuple[str | None, float]:
+        version = await self.alias(CANARY)
+        share = await self.redis.get(self.keys.canary_share)
+        return version, float(share) if share and version else 0.0
+
+    # ---- freeze -----------------------------------------------------------------------
+
+    async def freeze(self, actor: str, reason: str = "") -> admin_pb2.FreezeState:
+        state = admin_pb2.FreezeState(frozen=True, actor=actor, reason=reason, since=now_ts())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.freeze, state.SerializeToString())
+            self._audit(pipe, actor, "freeze", "", "", "", reason)
+            self._event(pipe, "freeze", "", "")
+            await pipe.execute()
+        return state
+
+    async def unfreeze(self, actor: str, reason: str = "") -> admin_pb2.FreezeState:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.freeze)
+            self._audit(pipe, actor, "unfreeze", "", "", "", reason)
+            self._event(pipe, "unfreeze", "", "")
+            await pipe.execute()
+        return admin_pb2.FreezeState(frozen=False, actor=actor, reason=reason, since=now_ts())
+
+    async def freeze_state(self) -> admin_pb2.FreezeState:
+        data = await self.redis.get(self.keys.freeze)
+        return admin_pb2.FreezeState.FromString(data) if data else admin_pb2.FreezeState()
+
+    # ---- replicas and audit -----------------------------------------------------------
+
+    async def heartbeat(self, status: admin_pb2.ReplicaStatus) -> None:
+        status.seen.CopyFrom(now_ts())
+        await self.redis.hset(self.keys.replicas, status.replica_id, status.SerializeToString())
+
+    async def replicas(self, max_age_s: float = 60.0) -> list[admin_pb2.ReplicaStatus]:
+        """Replicas that reported within max_age_s."""
+        raw = await self.redis.hgetall(self.keys.replicas)
+        now = time.time()
+        live = [admin_pb2.ReplicaStatus.FromString(v) for v in raw.values()]
+        live = [r for r in live if now - r.seen.ToNanoseconds() / 1e9 <= max_age_s]
+        return sorted(live, key=lambda r: r.replica_id)
+
+    async def forget_replica(self, replica_id: str) -> None:
+        await self.redis.hdel(self.keys.replicas, replica_id)
+
+    async def audit_log(self, count: int = 100) -> list[records_pb2.AuditRecord]:
+        """The newest `count` audit records, newest first."""
+        entries = await self.redis.xrevrange(self.keys.audit_stream, count=count)
+        return [records_pb2.AuditRecord.FromString(f[DATA_FIELD]) for _, f in entries]
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    async def _transaction(self, body: Callable[..., Awaitable[T]], *watch: str) -> T:
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watch)
+                    result = await body(pipe)
+                    if pipe.explicit_transaction:
+                        await pipe.execute()
+                    return result
+                except WatchError:
+                    continue  # someone else moved an alias meanwhile: read again
+
+    async def _watched_alias(self, pipe, name: str) -> str:
+        value = await pipe.hget(self.keys.aliases, name)
+        return value.decode() if value is not None else ""
+
+    def _audit(self, pipe, actor, action, alias, old, new, reason) -> None:
+        record = records_pb2.AuditRecord(
+            actor=actor, action=action, alias=alias, from_version=old or "",
+            to_version=new or "", reason=reason or "", at=now_ts(),
+        )  # fmt: skip
+        pipe.xadd(self.keys.audit_stream, {DATA_FIELD: record.SerializeToString()})
+
+    def _event(self, pipe, action: str, alias: str, version: str) -> None:
+        event = records_pb2.RegistryEvent(action=action, alias=alias, version=version, at=now_ts())
+        pipe.publish(self.keys.events, event.SerializeToString())
+
+    @staticmethod
+    def _change(alias: str, old: str, new: str, actor: str) -> admin_pb2.AliasChange:
+        return admin_pb2.AliasChange(
+            alias=alias, from_version=old or "", to_version=new, actor=actor, at=now_ts()
+        )

@@ -1,0 +1,207 @@
+"""Follow the registry's `current` (and `canary`) alias on this replica.
+
+A RegistryEvent on the pub/sub channel wakes the follower at once; a poll every few
+seconds is the fallback, so a missed message still converges. Before a swap the
+version's files are verified against its manifest checksum; a missing, partial or
+corrupt version is refused, the old version keeps serving, and the refusal shows in
+GetModel, the logs, the metrics and this replica's heartbeat in the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from instructloop.registry import CURRENT, Registry, RegistryError
+from instructloop.store import ModelStore, VersionError
+from instructloop.v1 import admin_pb2
+
+from .engine import Engine, EngineError, VersionNotLoaded
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+RETRY_REFUSED_S = 30.0
+
+
+class SwapRefused(Exception):
+    """A version could not be served here; the previous one keeps serving."""
+
+
+class VersionFollower:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        store: ModelStore,
+        metrics: Metrics,
+        poll_interval_s: float = 5.0,
+        replica_id: str = "",
+    ):
+        self.engine = engine
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.replica_id = replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.last_swap_error = ""
+        self.canary: tuple[str, float] | None = None
+        self._refused: dict[str, float] = {}  # version -> when; retried after a while
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def mode(self) -> str:
+        return "lora" if self.engine.supports_adapters else "full"
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self, base: admin_pb2.VersionInfo) -> None:
+        await self.registry.ensure_base(base)
+        await self.converge()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="registry-listen"),
+            asyncio.create_task(self._poll(), name="registry-poll"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.registry.forget_replica(self.replica_id)
+        except Exception as e:  # Redis may be gone at shutdown
+            log.warning("could not remove replica heartbeat: %s", e)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.registry.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.registry.keys.events)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("registry events unavailable (%s); polling meanwhile", e)
+                await asyncio.sleep(self.poll_interval_s)
+
+    async def _poll(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+            self._wake.clear()
+            try:
+                await self.converge()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("could not reach the registry: %s", e)
+
+    # ---- converge ---------------------------------------------------------------------
+
+    async def converge(self) -> None:
+        """Bring this replica to the registry's current (and canary) version."""
+        async with self._lock:
+            target = await self.registry.alias(CURRENT)
+            if target and target != self.engine.version and self._may_try(target):
+                await self._try(target, self._serve)
+            await self._follow_canary()
+            await self.registry.heartbeat(
+                admin_pb2.ReplicaStatus(
+                    replica_id=self.replica_id,
+                    version=self.engine.version,
+                    last_swap_error=self.last_swap_error,
+                    mode=self.mode,
+                )
+            )
+
+    def _may_try(self, version: str) -> bool:
+        refused_at = self._refused.get(version)
+        return refused_at is None or time.monotonic() - refused_at > RETRY_REFUSED_S
+
+    async def _try(self, version: str, action) -> bool:
+        try:
+            await action(version)
+        except (SwapRefused, VersionError, RegistryError, EngineError, VersionNotLoaded) as e:
+            self._refused[version] = time.monotonic()
+            self.last_swap_error = f"refused {version}: {e}"
+            self.metrics.swaps.labels(self.mode, "refused").inc()
+            log.error(
+                "swap refused; still serving %s",
+                self.engine.version,
+                extra={"version": version, "error": str(e)},
+            )
+            return False
+        self._refused.pop(version, None)
+        return True
+
+    async def _checked_dir(self, info: admin_pb2.VersionInfo) -> str:
+        """The version's directory, after verifying it (hashing runs off the event loop)."""
+        if info.kind == "base":
+            if not (Path(info.path) / "config.json").exists():
+                raise SwapRefused(f"base model directory {info.path} is missing")
+            return info.path
+        manifest = await asyncio.to_thread(self.store.verify, info.id)
+        if manifest.kind != info.kind:
+            raise SwapRefused(f"manifest says {manifest.kind}, registry says {info.kind}")
+        return str(self.store.path(info.id))
+
+    async def _serve(self, version: str) -> None:
+        started = time.perf_counter()
+        info = await self.registry.get(version)
+        path = await self._checked_dir(info)
+        if info.kind == "lora":
+            await self._load_adapter(info, path)
+            await self.engine.set_current(version)
+        else:
+            await self.engine.swap_full(path, version)
+        elapsed = time.perf_counter() - started
+        self.metrics.swaps.labels(self.mode, "ok").inc()
+        self.metrics.swap_seconds.labels(info.kind).observe(elapsed)
+        self.metrics.set_version(version)
+        self.last_swap_error = ""
+        log.info("now serving", extra={"version": version, "kind": info.kind, "seconds": elapsed})
+
+    async def _load_adapter(self, info: admin_pb2.VersionInfo, path: str) -> None:
+        if not self.engine.supports_adapters:
+            raise SwapRefused(f"{info.id} is a LoRA adapter; this replica runs without LoRA")
+        if self.engine.weights_version != info.base_model:
+            base = await self.registry.get(info.base_model)
+            await self.engine.swap_full(await self._checked_dir(base), base.id)
+        await self.engine.load_adapter(path, info.id)
+
+    async def _follow_canary(self) -> None:
+        version, share = await self.registry.canary()
+        if not version or not self.engine.supports_adapters:
+            self.canary, self.engine.keep = None, set()
+            return
+        if version not in self.engine.loaded_versions() and self._may_try(version):
+
+            async def load(v: str) -> None:
+                info = await self.registry.get(v)
+                if info.kind != "lora" or info.base_model != self.engine.weights_version:
+                    raise SwapRefused(f"canary {v} must be a LoRA adapter on the current weights")
+                await self.engine.load_adapter(await self._checked_dir(info), v)
+
+            await self._try(version, load)
+        if version in self.engine.loaded_versions():
+            self.canary, self.engine.keep = (version, share), {version}
+
+    # ---- routing ----------------------------------------------------------------------
+
+    def route(self, pin: str) -> str | None:
+        """The version a new request runs on: its pin, else the canary for a share of
+        traffic, else None (current)."""
+        if pin:
+            return pin
+        if self.canary and random.random() < self.canary[1]:
+            return self.canary[0]
+        return None
