@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     record      BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_by_prompt ON feedback (prompt_id);
+CREATE INDEX IF NOT EXISTS feedback_by_seq ON feedback (seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
     stream    TEXT NOT NULL,
     entry_id  TEXT NOT NULL,
@@ -166,8 +167,11 @@ def tiers_from_feedback(
 
 
 class Dataset:
-    """The learner's dataset in one SQLite file (WAL mode). Not shared across processes'
-    writers at once: one learner writes, anyone may read."""
+    """The learner's dataset in one SQLite file (WAL mode).
+
+    One writer (the consumer) at a time; any number of readers, each with its own Dataset
+    object (a connection is not shared between threads that use it at the same time).
+    """
 
     def __init__(self, cfg: DatasetConfig):
         self.cfg = cfg
@@ -275,6 +279,11 @@ class Dataset:
         for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM feedback GROUP BY kind"):
             out[f"feedback_{kind}"] = n
         return out
+
+    def last_seq(self) -> int:
+        """Arrival number of the newest judgement: pass it as `since_seq` next round to get
+        only what arrived after (one epoch over new data)."""
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback").fetchone()[0]
 
     def feedback_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT feedback_id FROM feedback ORDER BY seq")]

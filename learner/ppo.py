@@ -82,15 +82,21 @@ class PPOConfig:
 # ---------------------------------------------------------------------------- plumbing
 
 
-def load_policy(model_dir: str | Path):
-    """(model, tokenizer) of a full checkpoint or a peft adapter dir; left padding."""
+def load_policy(model_dir: str | Path, lora: bool | None = None):
+    """(model, tokenizer) of a full checkpoint or a peft adapter dir; left padding.
+
+    lora=True keeps an adapter dir's adapter trainable (the next LoRA round continues it);
+    lora=False merges it into the base (a full-weights round); None loads it frozen.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     if (Path(model_dir) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, is_trainable=bool(lora))
+        if lora is False:
+            model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model, tokenizer
@@ -210,13 +216,13 @@ def train_ppo(
     rng = random.Random(cfg.seed)
 
     # ---- models: policy (trained), reference (frozen), value (trained), reward (frozen)
-    policy, tokenizer = load_policy(policy_dir)
+    policy, tokenizer = load_policy(policy_dir, lora=cfg.lora)
     ref, _ = load_policy(ref_dir or policy_dir)
     reward_model, reward_tokenizer = load_reward_model(reward_dir)
     value_model, _ = load_reward_model(value_dir or reward_dir)
     if value_model.config.vocab_size != policy.config.vocab_size:
         raise ValueError("the value model must share the policy's tokenizer (init it from the RM)")
-    if cfg.lora:
+    if cfg.lora and not hasattr(policy, "peft_config"):  # else: continue the loaded adapter
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -66,6 +67,13 @@ def test_dataset_turns_every_judgement_kind_into_tiers(tmp_path):
     [demo] = ds.demonstrations()
     assert (demo.prompt, demo.text) == ("q:", "ideal")
     assert ds.counts()["feedback"] == 5
+
+    # A round trains on what arrived since the last one; re-deliveries are not "new".
+    seen = ds.last_seq()
+    ds.add_feedback(early)
+    assert ds.last_seq() == seen and ds.comparisons(since_seq=seen) == []
+    ds.add_feedback(synthetic.choice_record("f-new", p, 3, 1, "u6"))
+    assert [c.feedback_id for c in ds.comparisons(since_seq=seen)] == ["f-new"]
 
 
 def test_split_is_by_user_stable_and_dedup_drops_containing_prompts(tmp_path):
@@ -177,3 +185,27 @@ def test_sigkill_between_persist_and_ack_loses_nothing_and_counts_nothing_twice(
     assert ds.counts()["feedback"] == 20 and ds.counts()["prompts"] == 20
     for stream in keys.prompts_stream, keys.feedback_stream:
         assert r.xpending(stream, "learner")["pending"] == 0
+
+
+def test_run_loop_consumes_live_entries_and_stops_on_the_event(tmp_path, redis_server):
+    r, keys = redis_server.client(), Keys("t3")
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3")))
+    consumer = StreamConsumer(r, keys, ds, ConsumerConfig(consumer="live", block_ms=50))
+    reader = Dataset(ds.cfg)  # its own connection: the consumer thread writes through ds
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,))
+    thread.start()
+    try:
+        for p, f in synthetic.preference_data(5, k=2, seed=4):
+            xadd(r, keys.feedback_stream, f)  # the judgement can arrive first
+            xadd(r, keys.prompts_stream, p)
+        deadline = time.monotonic() + 30
+        while reader.counts()["feedback"] < 5 or reader.counts()["prompts"] < 5:
+            assert time.monotonic() < deadline, reader.counts()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(reader.comparisons()) == 5
+    assert r.xpending(keys.feedback_stream, "learner")["pending"] == 0

@@ -216,3 +216,8 @@ def test_ppo_lora_with_ptx_saves_an_adapter_and_leaves_the_base_alone(tiny_model
     # The adapter loads on top of the base and has moved the policy away from it.
     result = evaluate_policy(out, rm, prompts, tiny_model, PPOConfig(**PPO_TINY))
     assert result["kl"] != pytest.approx(0.0, abs=1e-6)
+    # The next LoRA round continues this adapter (same rank, still only adapter weights).
+    cfg_next = PPOConfig(**{**PPO_TINY, "iterations": 1, "rollout_prompts": 8}, lora=True)
+    train_ppo(cfg_next, prompts, out, rm, tmp_path / "adapter2", ref_dir=tiny_model)
+    assert json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())["r"] == 8
+    assert not (tmp_path / "adapter2" / "model.safetensors").exists()
