@@ -30,8 +30,6 @@ from instructloop.v1 import api_pb2
 
 from .sdk import Client, default_target
 
-Handler = Callable[[argparse.Namespace, Client, Console], int]
-
 
 class UsageError(Exception):
     """A command line that cannot be turned into a request."""
@@ -228,13 +226,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_command(_model))
 
 
-def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
+def _public_client(args: argparse.Namespace) -> Client:
+    timeout = args.timeout if args.timeout > 0 else None
+    return Client(args.target or default_target(), timeout=timeout)
+
+
+def _command(
+    handler: Callable[[argparse.Namespace, Any, Console], int],
+    connect: Callable[[argparse.Namespace], Any] = _public_client,
+) -> Callable[[argparse.Namespace], int]:
     """Wrap a handler: open the client, map errors to messages and exit codes."""
 
     def run(args: argparse.Namespace) -> int:
-        timeout = args.timeout if args.timeout > 0 else None
         try:
-            with Client(args.target or default_target(), timeout=timeout) as client:
+            with connect(args) as client:
                 return handler(args, client, Console(highlight=False))
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None

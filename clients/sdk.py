@@ -114,12 +114,17 @@ class Client(_Base):
         logprobs: int | None = None,
         user_id: str = "",
         log: bool = True,
+        version: str = "",
         timeout: float | None = None,
     ) -> api_pb2.GenerateResponse:
-        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts)."""
+        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts).
+
+        `version` pins a model version still loaded on the server (FAILED_PRECONDITION
+        otherwise); by default the current version answers.
+        """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log,
+            logprobs, user_id, log, version,
         )  # fmt: skip
         return self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
 
@@ -138,6 +143,7 @@ class Client(_Base):
         logprobs: int | None = None,
         user_id: str = "",
         log: bool = True,
+        version: str = "",
         timeout: float | None = None,
     ) -> Iterator[api_pb2.GenerateStreamResponse]:
         """Like generate, streamed: deltas, then one final GenerateResponse.
@@ -147,7 +153,7 @@ class Client(_Base):
         """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log,
+            logprobs, user_id, log, version,
         )  # fmt: skip
         return _iterate(
             lambda: self._stub.GenerateStream(
@@ -288,12 +294,17 @@ class AsyncClient(_Base):
         logprobs: int | None = None,
         user_id: str = "",
         log: bool = True,
+        version: str = "",
         timeout: float | None = None,
     ) -> api_pb2.GenerateResponse:
-        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts)."""
+        """Sample n answers to a plain-text prompt or a chat (list of role/content dicts).
+
+        `version` pins a model version still loaded on the server (FAILED_PRECONDITION
+        otherwise); by default the current version answers.
+        """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log,
+            logprobs, user_id, log, version,
         )  # fmt: skip
         return await self._stub.Generate(
             request, timeout=self._timeout(timeout), metadata=self.metadata
@@ -314,6 +325,7 @@ class AsyncClient(_Base):
         logprobs: int | None = None,
         user_id: str = "",
         log: bool = True,
+        version: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         """Like generate, streamed: `async for` over deltas, then one final response.
@@ -323,7 +335,7 @@ class AsyncClient(_Base):
         """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log,
+            logprobs, user_id, log, version,
         )  # fmt: skip
         return _aiterate(
             lambda: self._stub.GenerateStream(

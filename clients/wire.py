@@ -69,6 +69,7 @@ def generate_request(
     logprobs: int | None,
     user_id: str,
     log: bool,
+    version: str = "",
 ) -> api_pb2.GenerateRequest:
     """A GenerateRequest from a plain prompt or chat messages (exactly one of them)."""
     if (prompt is None) == (messages is None):
@@ -85,7 +86,9 @@ def generate_request(
         sampling.seed = seed
     if logprobs is not None:
         sampling.logprobs = logprobs
-    request = api_pb2.GenerateRequest(n=n, sampling=sampling, user_id=user_id, do_not_log=not log)
+    request = api_pb2.GenerateRequest(
+        n=n, sampling=sampling, user_id=user_id, do_not_log=not log, version=version
+    )
     if prompt is not None:
         request.prompt = prompt
     else:

@@ -1,7 +1,8 @@
 """The `instructloop` command.
 
 Server side:  serve, init-model.
-Client side:  generate, feedback, model (from instructloop.clients.cli).
+Client side:  generate, feedback, model (instructloop.clients.cli);
+              models (instructloop.clients.models_cli, admin).
 Heavy imports (vLLM, torch) happen inside the subcommand that needs them, so the client
 commands start fast.
 """
@@ -43,6 +44,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
+    from instructloop.clients import models_cli
     from instructloop.serve.config import ServerConfig
     from instructloop.tinymodel import TinyModelConfig
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init_model)
 
     client_cli.register(sub)
+    models_cli.register(sub)
     return parser
 
 

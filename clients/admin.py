@@ -1,0 +1,89 @@
+"""Typed client for the operator API (instructloop.v1.Admin).
+
+Every call carries `authorization: Bearer <token>`; the token comes from the argument,
+$INSTRUCTLOOP_ADMIN_TOKEN, or the server's DATA_DIR/admin-token file.
+
+    with AdminClient("localhost:50051", token=...) as admin:
+        admin.promote("v3", reason="beats v2 on held-out")
+        admin.rollback()                     # back to `previous`
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Self
+
+import grpc
+
+from instructloop.v1 import admin_pb2, admin_pb2_grpc
+
+from .sdk import default_target
+
+
+def default_token(data_dir: str | None = None) -> str:
+    """$INSTRUCTLOOP_ADMIN_TOKEN, else DATA_DIR/admin-token ($INSTRUCTLOOP_DATA_DIR or ./data)."""
+    token = os.environ.get("INSTRUCTLOOP_ADMIN_TOKEN", "")
+    if token:
+        return token
+    path = Path(data_dir or os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")) / "admin-token"
+    return path.read_text().strip() if path.exists() else ""
+
+
+class AdminClient:
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        actor: str = "",
+        timeout: float | None = 30.0,
+    ) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        token = default_token() if token is None else token
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        if token:
+            self.metadata += (("authorization", f"Bearer {token}"),)
+        if actor:
+            self.metadata += (("x-instructloop-actor", actor),)
+        self.channel = grpc.insecure_channel(self.target)
+        self._stub = admin_pb2_grpc.AdminStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        return method(request, timeout=self.timeout, metadata=self.metadata)
+
+    def list_versions(self) -> admin_pb2.ListVersionsResponse:
+        return self._call(self._stub.ListVersions, admin_pb2.ListVersionsRequest())
+
+    def get_version(self, version: str) -> admin_pb2.VersionDetail:
+        return self._call(self._stub.GetVersion, admin_pb2.GetVersionRequest(version=version))
+
+    def promote(self, version: str, reason: str = "") -> admin_pb2.AliasChange:
+        request = admin_pb2.PromoteRequest(version=version, reason=reason)
+        return self._call(self._stub.Promote, request)
+
+    def rollback(self, version: str = "", reason: str = "") -> admin_pb2.AliasChange:
+        request = admin_pb2.RollbackRequest(version=version, reason=reason)
+        return self._call(self._stub.Rollback, request)
+
+    def freeze(self, reason: str = "") -> admin_pb2.FreezeState:
+        return self._call(self._stub.Freeze, admin_pb2.FreezeRequest(reason=reason))
+
+    def unfreeze(self, reason: str = "") -> admin_pb2.FreezeState:
+        return self._call(self._stub.Unfreeze, admin_pb2.FreezeRequest(reason=reason))
+
+    def set_canary(
+        self, version: str, share: float = 0.1, reason: str = ""
+    ) -> admin_pb2.AliasChange:
+        request = admin_pb2.SetCanaryRequest(version=version, share=share, reason=reason)
+        return self._call(self._stub.SetCanary, request)

@@ -1,0 +1,200 @@
+"""`instructloop models ...`: list, inspect, promote and roll back model versions.
+
+    instructloop models list
+    instructloop models show v3
+    instructloop models promote v3 --reason "wins 71% on held-out"
+    instructloop models rollback [v1]
+    instructloop models freeze --reason "incident 42" / unfreeze
+    instructloop models canary v4 --share 0.1 / canary --clear
+
+Every subcommand needs the admin credential: --admin-token, $INSTRUCTLOOP_ADMIN_TOKEN,
+or the server's DATA_DIR/admin-token file (--data-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.table import Table
+
+from instructloop.v1 import admin_pb2
+
+from .admin import AdminClient, default_token
+from .cli import _command, _print_json
+from .sdk import default_target
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and credential")
+    group.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=None,
+        help="server address (default: $INSTRUCTLOOP_TARGET, else localhost:50051)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="deadline of the call (default: 30)",
+    )
+    group.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        default=None,
+        help="admin credential (default: $INSTRUCTLOOP_ADMIN_TOKEN, else DATA_DIR/admin-token)",
+    )
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="the server's data directory, to read admin-token from "
+        "(default: $INSTRUCTLOOP_DATA_DIR, else ./data)",
+    )
+    group.add_argument(
+        "--actor",
+        metavar="NAME",
+        default=None,
+        help="your name in the audit log (default: your login name)",
+    )
+    group.add_argument("--json", action="store_true", help="print the server's response as JSON")
+    reason = argparse.ArgumentParser(add_help=False)
+    reason.add_argument("--reason", default="", help="why, for the audit log")  # fmt: skip
+
+    p = subparsers.add_parser(
+        "models", help="list, promote and roll back model versions (admin)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    q = sub.add_parser("list", parents=[common], help="versions, aliases, replicas")
+    q.set_defaults(func=_command(_list, _connect))
+    q = sub.add_parser("show", parents=[common], help="one version: manifest, metrics, lineage")
+    q.add_argument("version", help="version id, e.g. v3")
+    q.set_defaults(func=_command(_show, _connect))
+    q = sub.add_parser("promote", parents=[common, reason], help="make VERSION current")
+    q.add_argument("version", help="version id, e.g. v3")
+    q.set_defaults(func=_command(_promote, _connect))
+    q = sub.add_parser("rollback", parents=[common, reason],
+                       help="make `previous` (or VERSION) current again")  # fmt: skip
+    q.add_argument("version", nargs="?", default="", help="version id (default: previous)")
+    q.set_defaults(func=_command(_rollback, _connect))
+    q = sub.add_parser("freeze", parents=[common, reason],
+                       help="stop automatic promotion by the learner")  # fmt: skip
+    q.set_defaults(func=_command(_freeze, _connect))
+    q = sub.add_parser("unfreeze", parents=[common, reason], help="allow automatic promotion")
+    q.set_defaults(func=_command(_unfreeze, _connect))
+    q = sub.add_parser("canary", parents=[common, reason],
+                       help="route a share of traffic to a LoRA version")  # fmt: skip
+    q.add_argument("version", nargs="?", default="", help="version id (omit with --clear)")
+    q.add_argument("--share", type=float, default=0.1, help="share of traffic, 0..0.5")
+    q.add_argument("--clear", action="store_true", help="stop the canary")
+    q.set_defaults(func=_command(_canary, _connect))
+
+
+def _connect(args: argparse.Namespace) -> AdminClient:
+    token = args.admin_token if args.admin_token is not None else default_token(args.data_dir)
+    try:
+        actor = args.actor or getpass.getuser()
+    except (OSError, KeyError):
+        actor = "admin"
+    timeout = args.timeout if args.timeout > 0 else None
+    return AdminClient(args.target or default_target(), token=token, actor=actor, timeout=timeout)
+
+
+def _when(ts) -> str:
+    if not ts.seconds:
+        return ""
+    return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _list(args, admin: AdminClient, console: Console) -> int:
+    reply = admin.list_versions()
+    if args.json:
+        _print_json(reply)
+        return 0
+    table = Table(title="model versions", title_justify="left")
+    for col in ("version", "aliases", "kind", "parent", "created", "gate", "feedback", "metrics"):
+        table.add_column(col)
+    for v in reply.versions:
+        gate = "" if v.kind == "base" else ("passed" if v.gate.passed else "rejected")
+        metrics = "  ".join(f"{k}={val:.3g}" for k, val in sorted(v.metrics.items()))
+        table.add_row(v.id, ",".join(v.aliases), v.kind, v.parent, _when(v.created), gate,
+                      str(v.feedback_count), metrics)  # fmt: skip
+    console.print(table)
+    if reply.freeze.frozen:
+        console.print(f"[yellow]automatic promotion frozen[/] by {reply.freeze.actor}: "
+                      f"{reply.freeze.reason}")  # fmt: skip
+    if reply.aliases.get("canary"):
+        console.print(f"canary {reply.aliases['canary']} takes {reply.canary_share:.0%} of traffic")
+    replicas = Table(title="replicas", title_justify="left")
+    for col in ("replica", "mode", "serving", "seen", "last refused swap"):
+        replicas.add_column(col)
+    for r in reply.replicas:
+        replicas.add_row(r.replica_id, r.mode, r.version, _when(r.seen), r.last_swap_error)
+    console.print(replicas)
+    return 0
+
+
+def _show(args, admin: AdminClient, console: Console) -> int:
+    detail = admin.get_version(args.version)
+    if args.json:
+        _print_json(detail)
+        return 0
+    info = detail.info
+    table = Table(show_header=False, title=f"version {info.id}", title_justify="left")
+    rows = [
+        ("aliases", ", ".join(info.aliases)), ("kind", info.kind), ("parent", info.parent),
+        ("lineage", " <- ".join([info.id, *detail.lineage])), ("base", info.base_model),
+        ("path", info.path), ("created", _when(info.created)), ("checksum", info.checksum),
+        ("gate", f"{'passed' if info.gate.passed else 'rejected'}: {info.gate.reason}"),
+        ("feedback", f"{len(detail.feedback_ids)} records"),
+    ]  # fmt: skip
+    rows += [(f"metric {k}", f"{v:.4g}") for k, v in sorted(info.metrics.items())]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    return 0
+
+
+def _print_change(args, change: admin_pb2.AliasChange, console: Console) -> int:
+    if args.json:
+        _print_json(change)
+    else:
+        console.print(f"{change.alias}: {change.from_version or '-'} -> "
+                      f"{change.to_version or '-'} (by {change.actor})")  # fmt: skip
+    return 0
+
+
+def _promote(args, admin: AdminClient, console: Console) -> int:
+    return _print_change(args, admin.promote(args.version, args.reason), console)
+
+
+def _rollback(args, admin: AdminClient, console: Console) -> int:
+    return _print_change(args, admin.rollback(args.version, args.reason), console)
+
+
+def _canary(args, admin: AdminClient, console: Console) -> int:
+    version = "" if args.clear else args.version
+    return _print_change(args, admin.set_canary(version, args.share, args.reason), console)
+
+
+def _print_freeze(args, state: admin_pb2.FreezeState, console: Console) -> int:
+    if args.json:
+        _print_json(state)
+    else:
+        console.print("automatic promotion " + ("frozen" if state.frozen else "allowed"))
+    return 0
+
+
+def _freeze(args, admin: AdminClient, console: Console) -> int:
+    return _print_freeze(args, admin.freeze(args.reason), console)
+
+
+def _unfreeze(args, admin: AdminClient, console: Console) -> int:
+    return _print_freeze(args, admin.unfreeze(args.reason), console)
