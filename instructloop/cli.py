@@ -45,6 +45,7 @@ def _init_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
     from instructloop.clients import models_cli
+    from instructloop.learner import cli as learner_cli
     from instructloop.serve.config import ServerConfig
     from instructloop.tinymodel import TinyModelConfig
 
@@ -61,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one server replica. With no --redis-url it starts an embedded "
         "redis-server with AOF persistence under --data-dir; with no --model it serves the "
         "default tiny model, building it on first start.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_dataclass_arguments(p, ServerConfig)
     p.set_defaults(func=_serve)
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_cli.register(sub)
     models_cli.register(sub)
+    learner_cli.register(sub)
     return parser
 
 

@@ -35,13 +35,22 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = _bool if isinstance(default, bool) else type(default)
         if env is not None:
             default = kind(env)
+        if kind is _bool:
+            group.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{f.metadata.get('help', '')} (default: %(default)s)",
+            )
+            continue
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             type=kind,
             default=default,
-            metavar=f.name.upper() if kind is not _bool else "{true,false}",
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} (default: %(default)s)",
         )
 
 

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import WatchError
 
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.store import ModelStore
 from instructloop.v1 import admin_pb2, records_pb2
 
 CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
@@ -258,3 +259,42 @@ class Registry:
         return admin_pb2.AliasChange(
             alias=alias, from_version=old or "", to_version=new, actor=actor, at=now_ts()
         )
+
+
+async def publish_version(
+    registry: Registry,
+    store: ModelStore,
+    src_dir: str,
+    *,
+    kind: str,
+    parent: str,
+    base_model: str,
+    feedback_ids: tuple[str, ...] | list[str] = (),
+    metrics: dict[str, float] | None = None,
+    gate: dict | None = None,
+    actor: str = "learner",
+) -> admin_pb2.VersionInfo:
+    """Publish a checkpoint as the next version: atomically into the store first, then
+    into the registry. It is not promoted; call Registry.promote for that."""
+    import asyncio
+
+    version_id = await registry.next_version_id()
+    manifest = await asyncio.to_thread(
+        store.publish, src_dir, version_id, parent=parent, kind=kind, base_model=base_model,
+        feedback_ids=list(feedback_ids), metrics=metrics or {}, gate=gate or {},
+    )  # fmt: skip
+    gate = manifest.gate or {}
+    info = admin_pb2.VersionInfo(
+        id=manifest.id, parent=manifest.parent, kind=manifest.kind,
+        base_model=manifest.base_model, path=str(store.path(manifest.id)),
+        metrics=manifest.metrics, checksum=manifest.checksum,
+        feedback_count=len(manifest.feedback_ids),
+        gate=admin_pb2.Gate(
+            passed=bool(gate.get("passed", False)), reason=str(gate.get("reason", "")),
+            measures={k: float(v) for k, v in gate.items() if isinstance(v, int | float)
+                      and not isinstance(v, bool)},
+        ),
+    )  # fmt: skip
+    info.created.FromNanoseconds(int(manifest.created * 1e9))
+    await registry.register(info, actor)
+    return info

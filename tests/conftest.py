@@ -78,7 +78,9 @@ def wait_serving(target: str, proc: subprocess.Popen, log_path: Path, timeout: f
     raise TimeoutError(f"server not SERVING after {timeout}s:\n{log_path.read_text()[-5000:]}")
 
 
-def start_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extra: str):
+def launch_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extra: str):
+    """Start a server process; wait for it with wait_serving(server)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port, metrics_port = free_port(), free_port()
     log_path = workdir / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
@@ -95,15 +97,22 @@ def start_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extra
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(
+    return ServerProcess(
         f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path, prefix
     )
+
+
+def start_servers(model: Path, redis_url: str, workdirs: list[Path], prefix: str, *extra: str):
+    """Start several replicas at once (their engines load in parallel)."""
+    servers = [launch_server(model, redis_url, w, prefix, *extra) for w in workdirs]
     try:
-        wait_serving(server.target, proc, log_path, SERVER_START_TIMEOUT_S)
+        for s in servers:
+            wait_serving(s.target, s.proc, s.log_path, SERVER_START_TIMEOUT_S)
     except BaseException:
-        stop_server(server)
+        for s in servers:
+            stop_server(s)
         raise
-    return server
+    return servers
 
 
 def stop_server(server: ServerProcess) -> int:
@@ -119,7 +128,7 @@ def stop_server(server: ServerProcess) -> int:
 
 @pytest.fixture(scope="session")
 def server(tiny_model, redis_server, tmp_path_factory):
-    s = start_server(tiny_model, redis_server.url, tmp_path_factory.mktemp("server"), "itest")
+    (s,) = start_servers(tiny_model, redis_server.url, [tmp_path_factory.mktemp("server")], "itest")
     yield s
     code = stop_server(s)
     assert code == 0, f"server did not stop cleanly (exit {code}):\n{s.log_tail()}"

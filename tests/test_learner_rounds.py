@@ -1,0 +1,294 @@
+"""Learner rounds end to end: real redis-server, real registry and store, real training.
+
+Records are XADDed as the server logs them; the learner consumes them, runs SFT? -> RM ->
+PPO -> gate, publishes a version and (if the gate passed and nothing is frozen) promotes
+it. Training is a few steps on the tiny local model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.learner import synthetic
+from instructloop.learner.config import (
+    LearnerConfig,
+    PPOConfig,
+    RewardConfig,
+    RoundConfig,
+    SFTStepConfig,
+)
+from instructloop.learner.consumer import ConsumerConfig
+from instructloop.learner.dataset import Dataset, DatasetConfig, user_split
+from instructloop.learner.main import Configs, run
+from instructloop.redis_embedded import EmbeddedRedis, free_port
+from instructloop.registry import Registry
+from instructloop.store import ModelStore
+from instructloop.tinymodel import build_tiny_model
+from instructloop.v1 import admin_pb2
+
+HELDOUT = 0.25
+PERMISSIVE = dict(win_rate_threshold=-1.0, max_kl=1e9)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """2 shared cores: one intra-op thread is several times faster than two under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("rounds-models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("rounds-redis"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def registry_call(url: str, prefix: str, fn):
+    """Run `await fn(registry)` on a fresh redis.asyncio client (as another process would)."""
+
+    async def go():
+        client = aioredis.Redis.from_url(url)
+        try:
+            return await fn(Registry(client, Keys(prefix)))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def register_base(url: str, prefix: str, model_dir: Path) -> None:
+    """What the server does on start: v0 = the model it serves, `current` -> v0."""
+    info = admin_pb2.VersionInfo(id="v0", kind="base", path=str(model_dir))
+    info.base_model = str(model_dir)
+    registry_call(url, prefix, lambda reg: reg.ensure_base(info))
+
+
+def xadd(client, keys: Keys, pairs) -> set[str]:
+    """Log (prompt, feedback) records like the server; returns the feedback ids."""
+    for prompt, feedback in pairs:
+        client.xadd(keys.prompts_stream, {DATA_FIELD: prompt.SerializeToString()})
+        client.xadd(keys.feedback_stream, {DATA_FIELD: feedback.SerializeToString()})
+    return {f.feedback_id for _, f in pairs}
+
+
+def train_ids(pairs) -> set[str]:
+    return {
+        f.feedback_id for _, f in pairs if user_split(f.feedback.user_id, HELDOUT) == "train"
+    }  # DatasetConfig's default salt
+
+
+def configs(tmp: Path, url: str, prefix: str, kind: str = "full", **gate) -> Configs:
+    return Configs(
+        learner=LearnerConfig(
+            redis_url=url, redis_prefix=prefix, model_store=str(tmp / "store"),
+            data_dir=str(tmp / "learner"), heldout_fraction=HELDOUT, max_rounds=1,
+        ),
+        consumer=ConsumerConfig(consumer="test", block_ms=50),
+        round=RoundConfig(
+            min_comparisons=20, kind=kind, gate_prompts=8, gate_samples_per_prompt=1, **gate
+        ),
+        sft=SFTStepConfig(min_demonstrations=4, max_steps=3, batch_size=4, learning_rate=1e-3),
+        rm=RewardConfig(learning_rate=1e-3, batch_prompts=8, max_length=64),
+        ppo=PPOConfig(
+            iterations=2, rollout_prompts=8, minibatch_size=8, ppo_epochs=1,
+            max_new_tokens=8, max_prompt_length=32, learning_rate=1e-4,
+        ),
+    )  # fmt: skip
+
+
+def audit(url: str, prefix: str):
+    return registry_call(url, prefix, lambda reg: reg.audit_log())
+
+
+# ---------------------------------------------------------------------------- rounds
+
+
+def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen(
+    tiny_model, redis_server, tmp_path
+):
+    url, prefix = redis_server.url, "rounds"
+    r, keys = redis_server.client(), Keys(prefix)
+    register_base(url, prefix, tiny_model)
+    store = ModelStore(tmp_path / "store")
+    current = lambda: registry_call(url, prefix, lambda reg: reg.alias("current"))  # noqa: E731
+
+    # ---- round 1, permissive gate: published, verified, promoted by the learner
+    data1 = synthetic.preference_data(40, k=4, n_users=20, seed=10)
+    xadd(r, keys, data1)
+    assert run(configs(tmp_path, url, prefix, **PERMISSIVE)) == 0
+    [m1] = store.list()
+    assert m1.id == "v1" and store.verify("v1").checksum == m1.checksum
+    assert m1.kind == "full" and m1.parent == "v0" and m1.base_model == "v0"
+    assert sorted(m1.feedback_ids) == sorted(train_ids(data1))  # held-out users never train
+    assert m1.gate["passed"] is True and m1.gate["win_rate_threshold"] == -1.0
+    for key in ("rm_heldout_accuracy", "win_rate", "kl", "reward", "ppo_score_last"):
+        assert key in m1.metrics
+    assert 0.0 <= m1.metrics["win_rate"] <= 1.0 and m1.metrics["rm_heldout_pairs"] > 0
+    assert current() == "v1"
+    promote = [a for a in audit(url, prefix) if a.action == "auto-promote"]
+    assert [(a.actor, a.from_version, a.to_version) for a in promote] == [("learner", "v0", "v1")]
+    info = registry_call(url, prefix, lambda reg: reg.get("v1"))
+    assert info.gate.passed and info.feedback_count == len(m1.feedback_ids)
+
+    # ---- round 2, impossible gate: registered as rejected, `current` stays; trained on
+    # the new comparisons only (warm-started RM, one epoch over what is new)
+    data2 = synthetic.preference_data(40, k=4, n_users=20, seed=11)
+    xadd(r, keys, data2)
+    assert run(configs(tmp_path, url, prefix, win_rate_threshold=1.0, max_kl=1e9)) == 0
+    m2 = store.verify("v2")
+    assert m2.gate["passed"] is False and "win rate" in m2.gate["reason"]
+    assert m2.parent == "v1"  # PPO started from the serving version
+    assert sorted(m2.feedback_ids) == sorted(train_ids(data2))
+    info = registry_call(url, prefix, lambda reg: reg.get("v2"))
+    assert not info.gate.passed and info.gate.measures["win_rate"] == m2.gate["win_rate"]
+    assert current() == "v1"
+
+    # ---- round 3 while an operator froze promotion: passes the gate, is not promoted
+    registry_call(url, prefix, lambda reg: reg.freeze("operator", "investigating"))
+    xadd(r, keys, synthetic.preference_data(40, k=4, n_users=20, seed=12))
+    assert run(configs(tmp_path, url, prefix, **PERMISSIVE)) == 0
+    m3 = store.verify("v3")
+    assert m3.gate["passed"] is True
+    assert current() == "v1"
+    assert not [a for a in audit(url, prefix) if a.to_version == "v3" and a.action != "register"]
+    assert [m.id for m in store.list()] == ["v1", "v2", "v3"]
+    state = json.loads((tmp_path / "learner" / "state.json").read_text())
+    assert state["round"] == 3 and state["last_version"] == "v3"
+
+
+def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
+    tiny_model, redis_server, tmp_path
+):
+    url, prefix = redis_server.url, "sft"
+    r, keys = redis_server.client(), Keys(prefix)
+    register_base(url, prefix, tiny_model)
+    data = synthetic.preference_data(24, k=4, n_users=20, seed=20)
+    demos = [
+        (p, synthetic.demonstration_record(f"demo{i}", p, " good good answer", p.user_id))
+        for i, (p, _) in enumerate(data[:12])
+    ]
+    xadd(r, keys, data + demos)
+    train_demos = train_ids(demos)
+    assert len(train_demos) >= 4  # enough for SFT (min_demonstrations=4)
+
+    assert run(configs(tmp_path, url, prefix, kind="lora", **PERMISSIVE)) == 0
+    store = ModelStore(tmp_path / "store")
+    # The SFT weights are a version of their own (never promoted), the adapter sits on them.
+    sft, adapter = store.verify("v1"), store.verify("v2")
+    assert sft.kind == "full" and sft.gate["passed"] is False
+    assert sorted(sft.feedback_ids) == sorted(train_demos)
+    assert adapter.kind == "lora" and adapter.base_model == "v1" and adapter.parent == "v0"
+    assert set(adapter.feedback_ids) == train_ids(data) | train_demos
+    assert adapter.gate["reference"] == "sft" and adapter.metrics["sft_demonstrations"] > 0
+    assert not (store.path("v2") / "model.safetensors").exists()
+    assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v2"
+
+    # SFT changed the weights, and PPO's KL was measured against them: the adapter starts
+    # at zero, so at the first rollout the policy IS the reference and KL is 0. Against
+    # the base model it would not be.
+    base_bytes = (tiny_model / "model.safetensors").read_bytes()
+    assert (store.path("v1") / "model.safetensors").read_bytes() != base_bytes
+    ppo = json.loads((store.path("v2") / "instructloop_ppo.json").read_text())
+    assert ppo["metrics"]["history"][0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    state = json.loads((tmp_path / "learner" / "state.json").read_text())
+    assert state["sft_dir"].endswith("r1/sft") and Path(state["sft_dir"]).is_dir()
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+
+
+def learner_cmd(url: str, prefix: str, tmp: Path, ppo_iterations: int) -> list[str]:
+    return [
+        sys.executable, "-m", "instructloop.cli", "learn",
+        "--redis-url", url, "--redis-prefix", prefix,
+        "--model-store", str(tmp / "store"), "--data-dir", str(tmp / "learner"),
+        "--consumer", "doomed", "--block-ms", "50", "--torch-threads", "1",
+        "--heldout-fraction", str(HELDOUT), "--max-rounds", "1", "--min-comparisons", "20",
+        "--win-rate-threshold", "-1", "--max-kl", "1e9",
+        "--gate-prompts", "8", "--gate-samples-per-prompt", "1",
+        "--rm-learning-rate", "1e-3", "--rm-max-length", "64",
+        "--ppo-iterations", str(ppo_iterations), "--ppo-rollout-prompts", "8",
+        "--ppo-minibatch-size", "8", "--ppo-ppo-epochs", "1",
+        "--ppo-max-new-tokens", "8", "--ppo-max-prompt-length", "32",
+    ]  # fmt: skip
+
+
+def test_sigkill_mid_round_loses_no_feedback_counts_none_twice_and_publishes_nothing_partial(
+    tiny_model, redis_server, tmp_path
+):
+    url, prefix = redis_server.url, "kill"
+    r, keys = redis_server.client(), Keys(prefix)
+    register_base(url, prefix, tiny_model)
+    first = synthetic.preference_data(30, k=4, n_users=20, seed=30)
+    sent = xadd(r, keys, first)
+    xadd(r, keys, first[:3])  # logged twice (a retry): must be stored once
+
+    log_path = tmp_path / "learner.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            learner_cmd(url, prefix, tmp_path, ppo_iterations=200),
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "ppo it 1/" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        # Mid-round (RM trained, PPO running); more feedback arrives meanwhile.
+        second = synthetic.preference_data(30, k=4, n_users=20, seed=31)
+        sent |= xadd(r, keys, second)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    store = ModelStore(tmp_path / "store")
+    assert store.list() == []
+    visible = [p.name for p in store.root.iterdir()] if store.root.exists() else []
+    assert all(name.startswith(".") for name in visible), visible
+    assert registry_call(url, prefix, lambda reg: reg.list())[0].id == "v0"
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "learner" / "dataset.sqlite3")))
+    assert sorted(ds.feedback_ids()) == sorted(f.feedback_id for _, f in first)
+
+    # ---- restart: the round is redone on everything, nothing lost, nothing twice
+    with open(log_path, "ab") as log:
+        proc = subprocess.run(
+            learner_cmd(url, prefix, tmp_path, ppo_iterations=2),
+            stdout=log, stderr=subprocess.STDOUT, env=env, timeout=180,
+        )  # fmt: skip
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    ids = ds.feedback_ids()
+    assert len(ids) == len(set(ids)) == len(sent) == 60 and set(ids) == sent
+    assert ds.counts()["prompts"] == 60
+    for stream in keys.prompts_stream, keys.feedback_stream:
+        assert r.xpending(stream, "learner")["pending"] == 0
+    [m] = store.list()
+    assert store.verify(m.id).id == "v1"
+    assert len(m.feedback_ids) == len(set(m.feedback_ids))
+    assert set(m.feedback_ids) == train_ids(first + second)
+    assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v1"
