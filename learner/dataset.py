@@ -285,6 +285,13 @@ class Dataset:
         only what arrived after (one epoch over new data)."""
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback").fetchone()[0]
 
+    def new_feedback(self, since_seq: int = 0) -> dict[str, int]:
+        """Judgements per kind that arrived after since_seq (cheap: for round triggers)."""
+        rows = self.db.execute(
+            "SELECT kind, COUNT(*) FROM feedback WHERE seq > ? GROUP BY kind", (since_seq,)
+        )
+        return dict(rows.fetchall())
+
     def feedback_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT feedback_id FROM feedback ORDER BY seq")]
 

@@ -24,60 +24,17 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from instructloop.learner.config import PPOConfig
 from instructloop.learner.reward import load_reward_model, score_texts, token_values
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PPOConfig:
-    """One PPO run (one round's step 3). Defaults follow InstructGPT where it says."""
-
-    iterations: int = field(default=64, metadata={"help": "Rollout + update iterations."})
-    rollout_prompts: int = field(default=16, metadata={"help": "Prompts sampled per iteration."})
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Prompt tokens kept (the end of a longer prompt)."}
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    minibatch_size: int = field(default=8, metadata={"help": "Episodes per gradient step."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Policy AdamW learning rate."})
-    value_learning_rate: float = field(
-        default=1e-5, metadata={"help": "Value model AdamW learning rate."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    kl_beta: float = field(
-        default=0.02, metadata={"help": "Per-token KL penalty beta * (log pi - log pi_ref)."}
-    )
-    gamma: float = field(default=1.0, metadata={"help": "Discount (the paper: 1)."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    value_clip_range: float = field(default=0.2, metadata={"help": "Value change clip."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    ptx_coef: float = field(
-        default=0.0,
-        metadata={"help": "PPO-ptx gamma: weight of the LM loss on demonstration text (0 = off)."},
-    )
-    ptx_batch_size: int = field(default=4, metadata={"help": "ptx texts per gradient step."})
-    lora: bool = field(
-        default=False, metadata={"help": "Train a LoRA adapter instead of full weights."}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "peft target_modules for the adapter."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
-    log_every: int = field(default=1, metadata={"help": "Log every N iterations."})
-
 
 # ---------------------------------------------------------------------------- plumbing
 

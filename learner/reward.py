@@ -28,41 +28,17 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from instructloop.learner.config import RewardConfig
 from instructloop.learner.dataset import Comparison, Demonstration
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardConfig:
-    """Training of one reward model version."""
-
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    batch_prompts: int = field(
-        default=8,
-        metadata={"help": "Batch elements per step; one element = one prompt with all its pairs."},
-    )
-    epochs: int = field(
-        default=1,
-        metadata={"help": "Passes over the new comparisons (the paper: 1; more overfits)."},
-    )
-    max_length: int = field(
-        default=512,
-        metadata={"help": "Tokens of prompt + answer; longer inputs lose the prompt's start."},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward."})
-    seed: int = field(default=0, metadata={"help": "Seed for the order of batch elements."})
-    log_every: int = field(default=10, metadata={"help": "Log progress every N steps."})
-
 
 # ---------------------------------------------------------------------------- the loss
 

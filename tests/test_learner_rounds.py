@@ -95,9 +95,10 @@ def xadd(client, keys: Keys, pairs) -> set[str]:
 
 
 def train_ids(pairs) -> set[str]:
+    salt = DatasetConfig().split_salt  # the learner's default
     return {
-        f.feedback_id for _, f in pairs if user_split(f.feedback.user_id, HELDOUT) == "train"
-    }  # DatasetConfig's default salt
+        f.feedback_id for _, f in pairs if user_split(f.feedback.user_id, HELDOUT, salt) == "train"
+    }
 
 
 def configs(tmp: Path, url: str, prefix: str, kind: str = "full", **gate) -> Configs:

@@ -1,0 +1,171 @@
+"""Every config of the learner, in one light module (no torch, no transformers).
+
+One dataclass per component, every field documented (TRL style); `instructloop learn`
+builds its options from them (learner/cli.py), and importing this module costs nothing,
+so the `instructloop` command stays fast for the client subcommands. The trainers
+re-export their own config (reward.RewardConfig, ppo.PPOConfig, sft.SFTStepConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LearnerConfig:
+    """The learner process: where its inputs and outputs live."""
+
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"help": "Redis holding the streams and the registry (the server's)."},
+    )
+    redis_prefix: str = field(
+        default="instructloop", metadata={"help": "Key prefix of the deployment in Redis."}
+    )
+    model_store: str = field(
+        default="models", metadata={"help": "Model store directory (shared with the server)."}
+    )
+    data_dir: str = field(
+        default="learner-data",
+        metadata={"help": "The learner's own directory: dataset, round state, RMs, SFT."},
+    )
+    heldout_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of users (stable hash) held out for the RM and the gate."},
+    )
+    split_salt: str = field(
+        default="instructloop-split-v1",
+        metadata={"help": "Salt of the user hash; changing it reshuffles the split."},
+    )
+    max_rounds: int = field(
+        default=0, metadata={"help": "Exit after this many published rounds (0 = never)."}
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "torch intra-op threads (0 = torch's default)."}
+    )
+
+
+@dataclass
+class RoundConfig:
+    """When a round starts, what it publishes, and the gate a candidate must pass."""
+
+    min_comparisons: int = field(
+        default=64, metadata={"help": "New comparisons that start a round at once (N)."}
+    )
+    max_wait_s: float = field(
+        default=3600.0,
+        metadata={"help": "Seconds after which a round starts with less than N new (T)."},
+    )
+    min_new_feedback: int = field(
+        default=1,
+        metadata={"help": "New judgements (any kind) a timed round needs at least."},
+    )
+    kind: str = field(
+        default="full",
+        metadata={
+            "help": "What a round publishes: 'full' weights or a 'lora' adapter over the "
+            "serving full weights (this sets --ppo-lora)."
+        },
+    )
+    win_rate_threshold: float = field(
+        default=0.55,
+        metadata={"help": "Gate: RM-estimated win rate against the serving version to beat."},
+    )
+    max_kl: float = field(
+        default=20.0,
+        metadata={"help": "Gate: bound on the KL to the reference (nats per response)."},
+    )
+    gate_prompts: int = field(
+        default=64, metadata={"help": "Held-out prompts the gate samples (at most)."}
+    )
+    gate_samples_per_prompt: int = field(
+        default=2, metadata={"help": "Samples per held-out prompt from each policy."}
+    )
+    gate_seed: int = field(default=1234, metadata={"help": "Sampling seed of the gate."})
+
+
+@dataclass
+class SFTStepConfig:
+    """Step 1 of a round: fine-tuning on the new demonstrations (TRL SFTTrainer)."""
+
+    min_demonstrations: int = field(
+        default=16,
+        metadata={"help": "New training-split demonstrations needed before a round runs SFT."},
+    )
+    max_steps: int = field(
+        default=50, metadata={"help": "Optimizer steps per SFT run (a few on CPU)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Demonstrations per step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens of prompt + answer kept (the start)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data order."})
+    logging_steps: int = field(default=5, metadata={"help": "Log progress every N steps."})
+
+
+@dataclass
+class RewardConfig:
+    """Training of one reward model version."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_prompts: int = field(
+        default=8,
+        metadata={"help": "Batch elements per step; one element = one prompt with all its pairs."},
+    )
+    epochs: int = field(
+        default=1,
+        metadata={"help": "Passes over the new comparisons (the paper: 1; more overfits)."},
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Tokens of prompt + answer; longer inputs lose the prompt's start."},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward."})
+    seed: int = field(default=0, metadata={"help": "Seed for the order of batch elements."})
+    log_every: int = field(default=10, metadata={"help": "Log progress every N steps."})
+
+
+@dataclass
+class PPOConfig:
+    """One PPO run (one round's step 3). Defaults follow InstructGPT where it says."""
+
+    iterations: int = field(default=64, metadata={"help": "Rollout + update iterations."})
+    rollout_prompts: int = field(default=16, metadata={"help": "Prompts sampled per iteration."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompt tokens kept (the end of a longer prompt)."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    minibatch_size: int = field(default=8, metadata={"help": "Episodes per gradient step."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Policy AdamW learning rate."})
+    value_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Value model AdamW learning rate."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    kl_beta: float = field(
+        default=0.02, metadata={"help": "Per-token KL penalty beta * (log pi - log pi_ref)."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount (the paper: 1)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    value_clip_range: float = field(default=0.2, metadata={"help": "Value change clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={"help": "PPO-ptx gamma: weight of the LM loss on demonstration text (0 = off)."},
+    )
+    ptx_batch_size: int = field(default=4, metadata={"help": "ptx texts per gradient step."})
+    lora: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter instead of full weights."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "peft target_modules for the adapter."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
+    log_every: int = field(default=1, metadata={"help": "Log every N iterations."})

@@ -1,0 +1,449 @@
+"""A learner round: SFT? -> reward model -> PPO -> gate -> publish (-> promote).
+
+One round, top to bottom (Learner.run_round):
+
+  0. resolve   the serving version through the registry (alias `current`): its policy
+               weights (base/full: the dir; lora: the base's dir + the adapter);
+  1. SFT       only if enough new demonstrations arrived; the result becomes the KL
+               reference and the policy PPO starts from (sft.py, TRL SFTTrainer);
+  2. RM        warm-started from the previous round's RM (the policy's weights the
+               first time), one epoch on the comparisons that arrived since (reward.py);
+  3. PPO       from the serving policy (or the new SFT policy), reference = the latest
+               SFT policy, or the base model before any SFT (ppo.py);
+  4. gate      RM-estimated win rate of the candidate against the serving version on
+               held-out prompts (users split by hash, as the paper split by customer)
+               above a threshold, and KL to the reference below a bound;
+  5. publish   the candidate into the model store and the registry with its metrics,
+               the feedback ids that trained it and the gate result; promote it
+               (auto=True) only if the gate passed and no operator froze promotion.
+
+Consistency: everything a round writes goes into DATA_DIR/rounds/r<N>/ and becomes part of
+the learner's state (state.json, replaced atomically) only after the version is published.
+A round that is abandoned (SIGTERM between phases) or killed leaves the state as it was:
+the next start deletes the half-done round dir and redoes the round on the same data.
+The store makes a half-written version invisible; the dataset keeps every acknowledged
+record, so nothing is lost and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SFTStepConfig
+from instructloop.learner.dataset import Dataset
+from instructloop.learner.ppo import load_policy, rollout, train_ppo
+from instructloop.learner.reward import (
+    load_reward_model,
+    score_texts,
+    train_reward_model,
+)
+from instructloop.learner.sft import run_sft
+from instructloop.registry import CURRENT, Frozen, Registry, publish_version
+from instructloop.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+COMPARISON_KINDS = ("ranking", "choice", "rating")
+
+
+@dataclass
+class RoundState:
+    """What the finished rounds leave for the next one (DATA_DIR/state.json)."""
+
+    round: int = 0  # rounds completed (published)
+    comparisons_seq: int = 0  # feedback arrival number up to which the RM has trained
+    demonstrations_seq: int = 0  # ... up to which SFT has trained
+    rm_dir: str = ""  # the latest RM ("" = none yet)
+    sft_dir: str = ""  # the latest SFT policy: the KL reference ("" = the base model)
+    last_round_at: float = field(default_factory=time.time)
+    last_version: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> RoundState:
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        """Write-fsync-rename: a crash leaves the old state or the new, never half."""
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@dataclass
+class ServingPolicy:
+    """The version `current` points at, resolved to directories the trainers can load."""
+
+    id: str
+    kind: str  # base | full | lora
+    policy_dir: Path  # a full checkpoint, or an adapter dir whose base path is resolved
+    weights_version: str  # the version holding its full weights (itself unless lora)
+    weights_dir: Path
+
+
+@dataclass
+class RoundResult:
+    round: int
+    reason: str
+    version: str
+    promoted: bool
+    frozen: bool
+    gate: dict
+    metrics: dict
+    feedback_ids: list[str]
+    reference: str
+    sft_version: str = ""
+
+
+class RoundAbandoned(Exception):
+    """A stop was requested between phases; nothing of this round was published."""
+
+
+class Learner:
+    """Runs rounds against one dataset, model store and registry."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        dataset: Dataset,
+        store: ModelStore,
+        registry: Registry,
+        loop: asyncio.AbstractEventLoop,
+        cfg: RoundConfig,
+        sft_cfg: SFTStepConfig,
+        rm_cfg: RewardConfig,
+        ppo_cfg: PPOConfig,
+    ):
+        self.data_dir = Path(data_dir)
+        self.dataset, self.store, self.registry, self.loop = dataset, store, registry, loop
+        self.cfg, self.sft_cfg, self.rm_cfg, self.ppo_cfg = cfg, sft_cfg, rm_cfg, ppo_cfg
+        self.state_path = self.data_dir / "state.json"
+        self.state = RoundState.load(self.state_path)
+        self.rounds_dir = self.data_dir / "rounds"
+        self.rounds_dir.mkdir(parents=True, exist_ok=True)
+
+    def _await(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    # ---------------------------------------------------------------- scheduling
+
+    def due(self, now: float | None = None) -> str | None:
+        """Why a round should start now, or None: N new comparisons, or T seconds passed
+        with some new data (and something the RM can train on, if there is no RM yet)."""
+        new = self.dataset.new_feedback(self.state.comparisons_seq)
+        comparisons = sum(new.get(k, 0) for k in COMPARISON_KINDS)
+        if not self.state.rm_dir and comparisons == 0:
+            return None
+        if comparisons >= self.cfg.min_comparisons:
+            return f"{comparisons} new comparisons"
+        waited = (now or time.time()) - self.state.last_round_at
+        if waited >= self.cfg.max_wait_s and sum(new.values()) >= self.cfg.min_new_feedback:
+            return f"{waited:.0f}s since the last round, {sum(new.values())} new judgements"
+        return None
+
+    # ---------------------------------------------------------------- one round
+
+    def run_round(self, reason: str, stop: threading.Event | None = None) -> RoundResult | None:
+        """Run one round; None if there was nothing it could train. Raises RoundAbandoned
+        if `stop` is set between phases (before anything is published)."""
+        stop = stop or threading.Event()
+        n = self.state.round + 1
+        work = self.rounds_dir / f"r{n}"
+        shutil.rmtree(work, ignore_errors=True)  # a round abandoned or killed before
+        work.mkdir(parents=True)
+        t_round = time.perf_counter()
+        ds, st = self.dataset, self.state
+        seq_hi = ds.last_seq()  # the consumer does not run during a round: nothing newer
+        log.info("round %d: start (%s)", n, reason)
+
+        def phase(name: str) -> None:
+            if stop.is_set():
+                shutil.rmtree(work, ignore_errors=True)
+                raise RoundAbandoned(f"round {n} abandoned before {name}: stop requested")
+            log.info("round %d: phase %s", n, name)
+
+        # ---- 0. what is serving, and the base model
+        phase("resolve")
+        serving = self._await(self.resolve_serving(work))
+        base_dir = self._await(self.base_dir())
+        comparisons = ds.comparisons("train", since_seq=st.comparisons_seq)
+        if not comparisons and not st.rm_dir:
+            log.info("round %d: no training comparisons yet and no RM; skipped", n)
+            st.last_round_at = time.time()
+            st.save(self.state_path)
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        log.info(
+            "round %d: serving %s (%s); %d new training comparisons",
+            n,
+            serving.id,
+            serving.kind,
+            len(comparisons),
+        )
+
+        # ---- 1. SFT on new demonstrations: the new reference and PPO's start
+        demos = ds.demonstrations("train", since_seq=st.demonstrations_seq)
+        ref_dir = Path(st.sft_dir) if st.sft_dir else base_dir
+        policy_start = serving.policy_dir
+        sft_metrics: dict = {}
+        sft_ran = len(demos) >= self.sft_cfg.min_demonstrations
+        if sft_ran:
+            phase("sft")
+            init = self._full_weights(serving, work)
+            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft")
+            ref_dir = policy_start = work / "sft"
+
+        # ---- 2. reward model: warm start, one epoch on what is new
+        phase("reward model")
+        heldout = ds.comparisons("heldout")
+        if comparisons:
+            rm_dir = work / "rm"
+            rm_metrics = train_reward_model(
+                self.rm_cfg,
+                comparisons,
+                st.rm_dir or serving.weights_dir,
+                rm_dir,
+                heldout,
+                ds.demonstrations("train"),
+            )
+        else:
+            rm_dir, rm_metrics = Path(st.rm_dir), {}
+
+        # ---- 3. PPO from the serving (or new SFT) policy, KL to the reference
+        phase("ppo")
+        prompts = ds.rl_prompts("train")
+        ptx = [d.prompt + d.text for d in ds.demonstrations("train")]
+        ppo_metrics = train_ppo(
+            self.ppo_cfg,
+            prompts,
+            policy_start,
+            rm_dir,
+            work / "policy",
+            ref_dir=ref_dir,
+            ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
+        )
+
+        # ---- 4. gate: beat the serving version on held-out prompts, stay near the reference
+        phase("gate")
+        gate_prompts = ds.rl_prompts("heldout")[: self.cfg.gate_prompts]
+        gate = self.gate(work / "policy", serving.policy_dir, ref_dir, rm_dir, gate_prompts)
+        gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
+
+        # ---- 5. publish (from here on the round completes: the steps are short)
+        phase("publish")
+        trained_on = [c.feedback_id for c in comparisons]
+        if sft_ran:
+            trained_on += [d.feedback_id for d in demos]
+        metrics = {
+            "round": n,
+            "rm_heldout_accuracy": rm_metrics.get("heldout_accuracy", float("nan")),
+            "rm_heldout_pairs": rm_metrics.get("heldout_pairs", 0),
+            "rm_train_loss": rm_metrics.get("train_loss", float("nan")),
+            "rm_comparisons": len(comparisons),
+            "sft_demonstrations": len(demos) if sft_ran else 0,
+            "sft_loss": sft_metrics.get("train_loss", float("nan")),
+            "win_rate": gate["win_rate"],
+            "kl": gate["kl"],
+            "reward": gate["candidate_score"],
+            "serving_reward": gate["serving_score"],
+            "ppo_score_first": ppo_metrics["score_first"],
+            "ppo_score_last": ppo_metrics["score_last"],
+            "ppo_kl_last": ppo_metrics["kl_last"],
+            "ppo_episodes": ppo_metrics["episodes"],
+            "ppo_rollout_s": ppo_metrics["rollout_s"],
+            "ppo_scoring_s": ppo_metrics["scoring_s"],
+            "ppo_update_s": ppo_metrics["update_s"],
+            "round_seconds": time.perf_counter() - t_round,
+        }
+        result = self._await(
+            self.publish(n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran)
+        )
+        result.reference = str(ref_dir)
+
+        # ---- commit the round: the learner's state moves only now
+        st.round = n
+        st.comparisons_seq = seq_hi
+        if sft_ran:
+            st.demonstrations_seq, st.sft_dir = seq_hi, str(work / "sft")
+        if comparisons:
+            st.rm_dir = str(rm_dir)
+        st.last_round_at, st.last_version = time.time(), result.version
+        st.save(self.state_path)
+        self._prune()
+        log.info(
+            "round %d: done in %.1fs: %s %s (win rate %.3f, kl %.3f)",
+            n,
+            time.perf_counter() - t_round,
+            result.version,
+            "promoted" if result.promoted else ("frozen" if result.frozen else "not promoted"),
+            gate["win_rate"],
+            gate["kl"],
+        )
+        return result
+
+    async def publish(
+        self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran
+    ) -> RoundResult:
+        kind = "lora" if self.ppo_cfg.lora else "full"
+        base_model, sft_version = serving.weights_version, ""
+        if kind == "lora" and sft_ran:
+            # The adapter was trained over the new SFT weights: they must be a version too,
+            # so a server can load them under the adapter. Never promoted on their own.
+            sft_info = await publish_version(
+                self.registry, self.store, str(work / "sft"), kind="full", parent=serving.id,
+                base_model=serving.weights_version,
+                feedback_ids=[d.feedback_id for d in demos],
+                metrics={"round": n, "sft_demonstrations": len(demos)},
+                gate={"passed": False, "reason": f"SFT weights under round {n}'s adapter"},
+            )  # fmt: skip
+            base_model = sft_version = sft_info.id
+        elif kind == "full":
+            base_model = await self.base_id()
+        info = await publish_version(
+            self.registry, self.store, str(work / "policy"), kind=kind, parent=serving.id,
+            base_model=base_model, feedback_ids=trained_on, metrics=metrics, gate=gate,
+        )  # fmt: skip
+        log.info("round %d: published %s (%s, gate %s)", n, info.id, kind, gate["reason"])
+        promoted = frozen = False
+        if gate["passed"]:
+            try:
+                await self.registry.promote(
+                    info.id, actor="learner", reason=f"round {n}: {gate['reason']}", auto=True
+                )
+                promoted = True
+            except Frozen as e:
+                frozen = True
+                log.warning("round %d: %s passed the gate but is not promoted: %s", n, info.id, e)
+        return RoundResult(
+            n, reason, info.id, promoted, frozen, gate, metrics, trained_on, "", sft_version
+        )
+
+    # ---------------------------------------------------------------- the gate
+
+    @torch.no_grad()
+    def gate(
+        self,
+        candidate_dir: Path,
+        serving_dir: Path,
+        ref_dir: Path,
+        reward_dir: Path,
+        prompts: Sequence[str],
+    ) -> dict:
+        """RM-estimated win rate of candidate vs serving, and KL(candidate || reference)."""
+        cfg = self.cfg
+        if not prompts:
+            return {
+                "passed": False, "reason": "no held-out prompts to evaluate on",
+                "win_rate": float("nan"), "kl": float("nan"),
+                "candidate_score": float("nan"), "serving_score": float("nan"),
+            }  # fmt: skip
+        torch.manual_seed(cfg.gate_seed)
+        candidate, tokenizer = load_policy(candidate_dir)
+        serving, _ = load_policy(serving_dir)
+        ref, _ = load_policy(ref_dir)
+        rm, rm_tokenizer = load_reward_model(reward_dir)
+        for m in (candidate, serving, ref, rm):
+            m.eval()
+        batch = [p for p in prompts for _ in range(cfg.gate_samples_per_prompt)]
+        wins, kls, cand_scores, serv_scores = [], [], [], []
+        step = self.ppo_cfg.rollout_prompts
+        t0 = time.perf_counter()
+        for i in range(0, len(batch), step):
+            chunk = batch[i : i + step]
+            ro_c = rollout(candidate, ref, tokenizer, chunk, self.ppo_cfg)
+            ro_s = rollout(serving, serving, tokenizer, chunk, self.ppo_cfg)
+            c = score_texts(rm, rm_tokenizer, chunk, ro_c.texts)  # [B]
+            s = score_texts(rm, rm_tokenizer, chunk, ro_s.texts)  # [B]
+            wins.append((c > s).float() + 0.5 * (c == s).float())
+            kls.append(((ro_c.logp - ro_c.ref_logp) * ro_c.mask).sum(-1))  # [B] per response
+            cand_scores.append(c)
+            serv_scores.append(s)
+        win_rate = torch.cat(wins).mean().item()
+        kl = torch.cat(kls).mean().item()
+        passed = win_rate > cfg.win_rate_threshold and kl < cfg.max_kl
+        reason = (
+            f"win rate {win_rate:.3f} {'>' if win_rate > cfg.win_rate_threshold else '<='} "
+            f"{cfg.win_rate_threshold}, KL {kl:.3f} {'<' if kl < cfg.max_kl else '>='} "
+            f"{cfg.max_kl} on {len(batch)} held-out samples"
+        )
+        log.info("gate: %s -> %s (%.1fs)", reason, "passed" if passed else "rejected",
+                 time.perf_counter() - t0)  # fmt: skip
+        return {
+            "passed": passed,
+            "reason": reason,
+            "win_rate": win_rate,
+            "win_rate_threshold": cfg.win_rate_threshold,
+            "kl": kl,
+            "kl_bound": cfg.max_kl,
+            "candidate_score": torch.cat(cand_scores).mean().item(),
+            "serving_score": torch.cat(serv_scores).mean().item(),
+            "heldout_samples": len(batch),
+        }
+
+    # ---------------------------------------------------------------- versions -> dirs
+
+    async def resolve_serving(self, work: Path) -> ServingPolicy:
+        """The `current` version's policy as directories (an adapter gets its base's dir)."""
+        vid = await self.registry.alias(CURRENT)
+        if not vid:
+            raise RuntimeError("no `current` version in the registry: start the server first")
+        info = await self.registry.get(vid)
+        if info.kind != "lora":
+            path = await self._version_dir(info)
+            return ServingPolicy(vid, info.kind, path, vid, path)
+        base = await self.registry.get(info.base_model)
+        base_dir = await self._version_dir(base)
+        # The adapter names the directory it was trained over; point it at the base's
+        # directory here (a copy: versions are immutable).
+        adapter = work / "serving-adapter"
+        shutil.copytree(await self._version_dir(info), adapter)
+        (adapter / "manifest.json").unlink(missing_ok=True)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base_dir)
+        (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        return ServingPolicy(vid, "lora", adapter, base.id, base_dir)
+
+    async def _version_dir(self, info) -> Path:
+        if info.kind == "base":
+            return Path(info.path)
+        await asyncio.to_thread(self.store.verify, info.id)  # never train from a bad copy
+        return self.store.path(info.id)
+
+    async def base_id(self) -> str:
+        bases = [v for v in await self.registry.list() if v.kind == "base"]
+        if not bases:
+            raise RuntimeError("no base version registered (the server registers v0)")
+        return bases[-1].id  # list() is newest first: the oldest base
+
+    async def base_dir(self) -> Path:
+        return Path((await self.registry.get(await self.base_id())).path)
+
+    def _full_weights(self, serving: ServingPolicy, work: Path) -> Path:
+        """A full checkpoint of the serving policy (an adapter is merged into its base)."""
+        if serving.kind != "lora":
+            return serving.policy_dir
+        model, tokenizer = load_policy(serving.policy_dir, lora=False)
+        out = work / "serving-merged"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+
+    def _prune(self) -> None:
+        """Delete round dirs the state no longer refers to (published versions are copies)."""
+        keep = {Path(p).parent for p in (self.state.rm_dir, self.state.sft_dir) if p}
+        for d in self.rounds_dir.iterdir():
+            if d.is_dir() and d not in keep:
+                shutil.rmtree(d, ignore_errors=True)
