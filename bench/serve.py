@@ -1,0 +1,630 @@
+"""Serving benchmark: how much of the vLLM engine's throughput our gRPC server delivers.
+
+One run measures the same workload (fixed prompts, n=4 samples of up to 64 tokens,
+temperature 1.0, non-streaming) at several concurrency levels against, one after another:
+
+  inproc      vLLM `AsyncLLM` in this process, final output only: the engine's limit.
+  seam        our engine seam `instructloop.serve.engine.VllmEngine` in this process (the
+              exact engine path the server uses: token ids in, DELTA outputs streamed back).
+  grpc        our server (`python -m instructloop.cli serve`) as a subprocess with a real
+              redis-server, called through grpc.aio `Generate` (prompts logged to Redis).
+  vllm-serve  vLLM's own OpenAI server as a subprocess, `/v1/completions` with aiohttp.
+
+Only one engine runs at a time. Each system gets a warmup, then every concurrency level is
+run `--repeats` times with a fixed number of requests; the tables show medians over the
+repeats. Tokens/s is generated tokens (counted from what each system actually returned:
+our server has no ignore_eos, so a sample may stop early at EOS) divided by the wall time
+of the level; latency is per request, send to complete response. p99 is nearest-rank, so
+with few requests it is the slowest one.
+
+Run (from the repo root, venv active):
+
+    python -m bench.serve --quick          # smoke run: concurrency 1 and 8, 1 repeat
+    python -m bench.serve                  # full run: concurrency 1, 8, 32, 3 repeats
+    python bench/serve.py --help
+
+The JSON result (default bench/results/serve.json) holds every run's raw numbers, the
+medians, the ratios, machine info and the exact parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import metadata
+from pathlib import Path
+
+SYSTEMS = ("inproc", "seam", "grpc", "vllm-serve")
+PROMPTS = [
+    "reverse: hello",
+    "sort: d a c b",
+    "uppercase: the best sample",
+    "count: one two three four",
+    "Write a short answer about water.",
+    "hello world, please rank the best answer",
+    "list some good words",
+    "what is the number of people",
+]
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default reservation fails on these machines
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+Call = Callable[[str], Awaitable[int]]  # prompt -> generated tokens (all n samples)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__.split("\n\n")[0],
+        epilog="Systems: " + ", ".join(SYSTEMS) + " (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        help="HF model directory to serve. Empty: build the default tiny model "
+        "(instructloop.tinymodel) into a temporary directory.",
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="Comma-separated systems to measure, in this order.",
+    )
+    p.add_argument(
+        "--concurrency",
+        default="1,8,32",
+        help="Comma-separated concurrency levels (requests in flight at once).",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="Requests per level and repeat. 0: max(16, 4 * concurrency).",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="Runs per level; medians are reported.")
+    p.add_argument(
+        "--warmup", type=int, default=16, help="Warmup requests per system (at concurrency 8)."
+    )
+    p.add_argument("--n", type=int, default=4, help="Samples per request.")
+    p.add_argument("--max-tokens", type=int, default=64, help="Tokens per sample (at most).")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="Ask inproc and vllm-serve to ignore EOS (exactly max-tokens per sample). Our "
+        "gRPC API and engine seam have no such option, so it is off by default to keep the "
+        "systems comparable; token counts are always the real ones.",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=1024, help="Context length for every engine."
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="Weight dtype for every engine. Not vLLM's 'auto' (bfloat16 on CPU): with it, vLLM's "
+        "OpenAI server's worker dies with SIGILL on the first request on these machines.",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="vLLM max_num_seqs for inproc, seam and vllm-serve (our server uses 256).",
+    )
+    p.add_argument(
+        "--grpc-do-not-log",
+        action="store_true",
+        help="Send do_not_log=true to our server (skips the Redis write per prompt).",
+    )
+    p.add_argument(
+        "--start-timeout", type=float, default=300.0, help="Seconds to wait for a server to start."
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=300.0, help="Seconds before a request fails."
+    )
+    p.add_argument(
+        "--out", default="bench/results/serve.json", help="Where to write the JSON result."
+    )
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="Keep the working directory (server logs, redis data) and print its path.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smoke run: concurrency 1 and 8 only, 1 repeat, 8 warmup requests.",
+    )
+    return p
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.concurrency, args.repeats, args.warmup = "1,8", 1, 8
+    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.system_list) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"error: unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
+
+
+# ---- load generation ---------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+async def run_level(call: Call, concurrency: int, requests: int) -> dict:
+    """`requests` calls, `concurrency` at a time; wall time from first send to last reply."""
+    todo = iter(range(requests))
+    latencies: list[float] = []
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        for i in todo:  # one shared iterator: a worker takes the next request when free
+            t0 = time.perf_counter()
+            got = await call(PROMPTS[i % len(PROMPTS)])  # not `tokens += await`: it reads
+            latencies.append(time.perf_counter() - t0)  # `tokens` before awaiting
+            tokens += got
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "latencies_ms": [round(x * 1e3, 2) for x in latencies],
+    }
+
+
+async def measure(name: str, call: Call, args: argparse.Namespace, console) -> dict:
+    """Warmup, then every level `repeats` times (repeats outermost, to spread out noise)."""
+    t0 = time.perf_counter()
+    await run_level(call, min(8, max(args.levels)), args.warmup)
+    console.log(f"{name}: warmup {args.warmup} requests in {time.perf_counter() - t0:.1f}s")
+    runs: dict[int, list[dict]] = {c: [] for c in args.levels}
+    for r in range(args.repeats):
+        for c in args.levels:
+            requests = args.requests or max(16, 4 * c)
+            res = await run_level(call, c, requests)
+            runs[c].append(res)
+            console.log(
+                f"{name}: repeat {r + 1}/{args.repeats} c={c} {res['tokens']} tokens "
+                f"in {res['wall_s']:.2f}s = {res['tokens_per_s']:,.0f} tok/s, "
+                f"p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms"
+            )
+    medians = {
+        c: {
+            k: statistics.median(run[k] for run in rs)
+            for k in ("tokens_per_s", "p50_ms", "p99_ms", "wall_s", "tokens")
+        }
+        for c, rs in runs.items()
+    }
+    return {"runs": runs, "median": medians}
+
+
+# ---- subprocesses ------------------------------------------------------------------------
+
+
+class Proc:
+    """A server subprocess in its own process group (vLLM forks engine-core children)."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path):
+        self.name, self.log_path = name, log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, **ENGINE_ENV),
+                start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the group (the server shuts its engine down), SIGKILL what is left."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        self.proc.wait()
+
+
+async def wait_until(ready: Callable[[], Awaitable[bool]], proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        with contextlib.suppress(Exception):
+            if await ready():
+                return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"{proc.name} not ready after {timeout:.0f}s:\n{proc.tail()}")
+
+
+# ---- the systems -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[Call]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=model,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            dtype=args.dtype,
+            enforce_eager=True,
+            disable_log_stats=True,
+        )
+    )
+    params = SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+    async def call(prompt: str) -> int:
+        final = None
+        async for out in llm.generate(prompt, params, uuid.uuid4().hex):
+            final = out
+        return sum(len(o.token_ids) for o in final.outputs)
+
+    try:
+        yield call
+    finally:
+        llm.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[Call]:
+    from instructloop.serve.engine import SamplingSpec, VllmEngine
+
+    engine = VllmEngine(
+        model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype
+    )
+    spec = SamplingSpec(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature)
+
+    async def call(prompt: str) -> int:
+        tokens = 0
+        async with engine.lease() as lease:  # as the servicer does: fixes the version
+            ids = engine.encode(prompt)
+            async for deltas in engine.generate(uuid.uuid4().hex, ids, spec, lease):
+                tokens += sum(len(d.token_ids) for d in deltas)
+        return tokens
+
+    try:
+        yield call
+    finally:
+        engine.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> AsyncIterator[Call]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from instructloop.redis_embedded import EmbeddedRedis, free_port
+    from instructloop.v1 import api_pb2, api_pb2_grpc
+
+    redis = EmbeddedRedis(workdir / "redis", port=free_port()).start()
+    server = None
+    try:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "instructloop.cli", "serve",
+            "--model", model,
+            "--redis-url", redis.url,
+            "--port", str(port),
+            "--metrics-port", "0",
+            "--data-dir", str(workdir / "grpc-data"),
+            "--log-format", "text",
+            "--max-model-len", str(args.max_model_len),
+            "--dtype", args.dtype,
+        ]  # fmt: skip
+        server = Proc("grpc server", cmd, workdir / "grpc-server.log")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def serving() -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            await wait_until(serving, server, args.start_timeout)
+            stub = api_pb2_grpc.InstructLoopStub(channel)
+            sampling = api_pb2.SamplingParams(
+                max_tokens=args.max_tokens, temperature=args.temperature
+            )
+
+            async def call(prompt: str) -> int:
+                request = api_pb2.GenerateRequest(
+                    prompt=prompt,
+                    n=args.n,
+                    sampling=sampling,
+                    user_id="bench",
+                    do_not_log=args.grpc_do_not_log,
+                )
+                reply = await stub.Generate(request, timeout=args.request_timeout)
+                return sum(s.token_count for s in reply.samples)
+
+            yield call
+    finally:
+        if server is not None:
+            server.stop()
+        redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def vllm_serve_system(
+    model: str, args: argparse.Namespace, workdir: Path
+) -> AsyncIterator[Call]:
+    import aiohttp
+
+    from instructloop.redis_embedded import free_port
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(args.max_model_len),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--dtype", args.dtype,
+        "--enforce-eager",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    server = Proc("vllm-serve", cmd, workdir / "vllm-serve.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        timeout = aiohttp.ClientTimeout(total=args.request_timeout)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+            async def healthy() -> bool:
+                async with session.get(f"{base}/health") as r:
+                    return r.status == 200
+
+            await wait_until(healthy, server, args.start_timeout)
+
+            async def call(prompt: str) -> int:
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "n": args.n,
+                    "max_tokens": args.max_tokens,
+                    "temperature": args.temperature,
+                    "ignore_eos": args.ignore_eos,
+                }
+                async with session.post(f"{base}/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"vllm-serve HTTP {r.status}: {await r.text()}")
+                    reply = await r.json()
+                return reply["usage"]["completion_tokens"]
+
+            yield call
+    finally:
+        server.stop()
+
+
+def open_system(name: str, model: str, args: argparse.Namespace, workdir: Path):
+    if name == "inproc":
+        return inproc_system(model, args)
+    if name == "seam":
+        return seam_system(model, args)
+    if name == "grpc":
+        return grpc_system(model, args, workdir)
+    return vllm_serve_system(model, args, workdir)
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "vllm": version("vllm-cpu") or version("vllm"),
+        "torch": version("torch"),
+        "grpcio": version("grpcio"),
+        "aiohttp": version("aiohttp"),
+    }
+
+
+def ratios(results: dict, levels: list[int]) -> dict:
+    """tokens/s of grpc divided by each other system, per level."""
+    out: dict[str, dict[int, float]] = {}
+    grpc = results.get("grpc", {}).get("median")
+    if not grpc:
+        return out
+    for other in ("inproc", "seam", "vllm-serve"):
+        med = results.get(other, {}).get("median")
+        if med:
+            out[f"grpc/{other}"] = {
+                c: grpc[c]["tokens_per_s"] / med[c]["tokens_per_s"] for c in levels
+            }
+    return out
+
+
+def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"n={args.n}, max_tokens={args.max_tokens}, medians of {args.repeats} repeat(s)"
+    )
+    table.add_column("system")
+    table.add_column("concurrency", justify="right")
+    table.add_column("requests", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("p50 ms", justify="right")
+    table.add_column("p99 ms", justify="right")
+    for name, res in results.items():
+        if "error" in res:
+            table.add_row(name, "-", "-", f"[red]failed: {res['error'][:60]}", "", "")
+            continue
+        for c in levels:
+            m = res["median"][c]
+            table.add_row(
+                name,
+                str(c),
+                str(args.requests or max(16, 4 * c)),
+                f"{m['tokens_per_s']:,.0f}",
+                f"{m['p50_ms']:,.0f}",
+                f"{m['p99_ms']:,.0f}",
+            )
+        table.add_section()
+    console.print(table)
+    if ratio:
+        rt = Table(title="tokens/s ratios")
+        rt.add_column("ratio")
+        for c in levels:
+            rt.add_column(f"c={c}", justify="right")
+        for name, per_level in ratio.items():
+            rt.add_row(name, *(f"{per_level[c]:.2f}" for c in levels))
+        console.print(rt)
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace, console, workdir: Path) -> dict:
+    model = args.model
+    if not model:
+        from instructloop.tinymodel import build_tiny_model
+
+        console.log("building the tiny model")
+        model = str(build_tiny_model(workdir / "tiny"))
+    results: dict[str, dict] = {}
+    for name in args.system_list:
+        console.rule(name)
+        t0 = time.perf_counter()
+        try:
+            async with open_system(name, model, args, workdir) as call:
+                console.log(f"{name}: ready in {time.perf_counter() - t0:.1f}s")
+                results[name] = await measure(name, call, args, console)
+        except Exception as e:  # one failing system does not lose the others' numbers
+            console.log(f"[red]{name} failed: {e.__class__.__name__}: {e}")
+            results[name] = {"error": f"{e.__class__.__name__}: {e}"}
+        gc.collect()  # drop this system's engine objects now, not at interpreter exit
+    return {"model": model, "results": results}
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = _parse_args(argv)
+    for k, v in ENGINE_ENV.items():
+        os.environ.setdefault(k, v)  # before vLLM is imported, for the in-process systems
+    console = Console()
+    # SIGTERM ends the run like Ctrl-C, so the finally blocks stop every subprocess.
+    signal.signal(signal.SIGTERM, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    started = time.time()
+    load_before = os.getloadavg()
+    try:
+        out = asyncio.run(bench(args, console, workdir))
+    finally:
+        if args.keep_logs:
+            console.log(f"logs and data kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results = out["results"]
+    ratio = ratios(results, args.levels)
+    print_tables(console, results, ratio, args.levels, args)
+    params = {
+        k: v for k, v in vars(args).items() if k not in ("levels", "system_list", "concurrency")
+    }
+    params.update(
+        concurrency=args.levels,
+        systems=args.system_list,
+        model=out["model"] if args.model else "tiny (instructloop.tinymodel defaults)",
+        prompts=PROMPTS,
+        engine_env=ENGINE_ENV,
+        argv=sys.argv[1:] if argv is None else argv,
+    )
+    machine = machine_info()
+    machine.update(loadavg_before=load_before, loadavg_after=os.getloadavg())
+    report = {
+        "benchmark": "serve",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "parameters": params,
+        "machine": machine,
+        "results": results,
+        "ratios_tokens_per_s": ratio,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    console.log(f"wrote {path}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
