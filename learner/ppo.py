@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,11 @@ from instructloop.learner.config import PPOConfig
 from instructloop.learner.reward import load_reward_model, score_texts, token_values
 
 log = logging.getLogger(__name__)
+
+
+class PPOStopped(Exception):
+    """train_ppo's stop event was set: it returned between iterations, saving nothing."""
+
 
 # ---------------------------------------------------------------------------- plumbing
 
@@ -160,12 +166,14 @@ def train_ppo(
     ref_dir: str | Path | None = None,
     value_dir: str | Path | None = None,
     ptx_texts: Sequence[str] = (),
+    stop: threading.Event | None = None,
 ) -> dict:
     """Run PPO and save the policy to out_dir. Returns metrics with a per-iteration history.
 
     policy_dir: the policy to improve (a full checkpoint); ref_dir: the KL reference
     (default: policy_dir, i.e. the SFT policy); reward_dir: the RM; value_dir: where the
     value model starts (default: the RM); ptx_texts: text for the PPO-ptx term.
+    stop: checked before every iteration; once set, PPOStopped is raised (nothing saved).
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
@@ -208,6 +216,8 @@ def train_ppo(
     timing = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0}
     episodes, t_start = 0, time.perf_counter()
     for it in range(1, cfg.iterations + 1):
+        if stop is not None and stop.is_set():
+            raise PPOStopped(f"PPO stopped before iteration {it}/{cfg.iterations}")
         # ------------------------------------------------------------ 1. rollout
         t0 = time.perf_counter()
         batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]

@@ -42,7 +42,7 @@ import torch
 
 from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SFTStepConfig
 from instructloop.learner.dataset import Dataset
-from instructloop.learner.ppo import load_policy, rollout, train_ppo
+from instructloop.learner.ppo import PPOStopped, load_policy, rollout, train_ppo
 from instructloop.learner.reward import (
     load_reward_model,
     score_texts,
@@ -169,7 +169,14 @@ class Learner:
         seq_hi = ds.last_seq()  # the consumer does not run during a round: nothing newer
         log.info("round %d: start (%s)", n, reason)
 
+        timings: dict[str, float] = {}  # seconds per phase, into the version's metrics
+        current = {"name": "", "t": time.perf_counter()}
+
         def phase(name: str) -> None:
+            now = time.perf_counter()
+            if current["name"]:
+                timings[f"phase_{current['name']}_s"] = now - current["t"]
+            current.update(name=name.replace(" ", "_"), t=now)
             if stop.is_set():
                 shutil.rmtree(work, ignore_errors=True)
                 raise RoundAbandoned(f"round {n} abandoned before {name}: stop requested")
@@ -203,7 +210,7 @@ class Learner:
         if sft_ran:
             phase("sft")
             init = self._full_weights(serving, work)
-            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft")
+            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft", stop)
             ref_dir = policy_start = work / "sft"
 
         # ---- 2. reward model: warm start, one epoch on what is new
@@ -226,15 +233,20 @@ class Learner:
         phase("ppo")
         prompts = ds.rl_prompts("train")
         ptx = [d.prompt + d.text for d in ds.demonstrations("train")]
-        ppo_metrics = train_ppo(
-            self.ppo_cfg,
-            prompts,
-            policy_start,
-            rm_dir,
-            work / "policy",
-            ref_dir=ref_dir,
-            ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
-        )
+        try:
+            ppo_metrics = train_ppo(
+                self.ppo_cfg,
+                prompts,
+                policy_start,
+                rm_dir,
+                work / "policy",
+                ref_dir=ref_dir,
+                ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
+                stop=stop,
+            )
+        except PPOStopped as e:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RoundAbandoned(f"round {n} abandoned during ppo: {e}") from e
 
         # ---- 4. gate: beat the serving version on held-out prompts, stay near the reference
         phase("gate")
@@ -266,6 +278,7 @@ class Learner:
             "ppo_rollout_s": ppo_metrics["rollout_s"],
             "ppo_scoring_s": ppo_metrics["scoring_s"],
             "ppo_update_s": ppo_metrics["update_s"],
+            **timings,
             "round_seconds": time.perf_counter() - t_round,
         }
         result = self._await(

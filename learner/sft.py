@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -34,10 +35,12 @@ def run_sft(
     demonstrations: Sequence[Demonstration],
     init_dir: str | Path,
     out_dir: str | Path,
+    stop: threading.Event | None = None,
 ) -> dict:
     """Fine-tune the full checkpoint at init_dir on the demonstrations; save to out_dir.
 
-    Returns metrics (steps, final loss, seconds, demonstrations/s).
+    Returns metrics (steps, final loss, seconds, demonstrations/s). If `stop` is set,
+    training ends after the current step (the caller decides what the result is worth).
     """
     import torch
     from datasets import Dataset as HFDataset
@@ -65,6 +68,10 @@ def run_sft(
         def __init__(self):
             self.t0 = time.perf_counter()
             self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop is not None and stop.is_set():
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

@@ -237,7 +237,22 @@ def learner_cmd(url: str, prefix: str, tmp: Path, ppo_iterations: int) -> list[s
     ]  # fmt: skip
 
 
-def test_sigkill_mid_round_loses_no_feedback_counts_none_twice_and_publishes_nothing_partial(
+def start_learner(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for_log(proc: subprocess.Popen, log_path: Path, text: str, count: int) -> None:
+    """Until `text` occurs `count` times in the log (the process must stay alive)."""
+    deadline = time.monotonic() + 120
+    while log_path.read_text(errors="replace").count(text) < count:
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+
+
+def test_sigterm_and_sigkill_mid_round_lose_nothing_count_nothing_twice_publish_nothing_partial(
     tiny_model, redis_server, tmp_path
 ):
     url, prefix = redis_server.url, "kill"
@@ -246,43 +261,49 @@ def test_sigkill_mid_round_loses_no_feedback_counts_none_twice_and_publishes_not
     first = synthetic.preference_data(30, k=4, n_users=20, seed=30)
     sent = xadd(r, keys, first)
     xadd(r, keys, first[:3])  # logged twice (a retry): must be stored once
-
     log_path = tmp_path / "learner.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            learner_cmd(url, prefix, tmp_path, ppo_iterations=200),
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    long_round = learner_cmd(url, prefix, tmp_path, ppo_iterations=500)
+    store = ModelStore(tmp_path / "store")
+
+    def nothing_published() -> None:
+        assert store.list() == []
+        visible = [p.name for p in store.root.iterdir()] if store.root.exists() else []
+        assert all(name.startswith(".") for name in visible), visible
+        assert [v.id for v in registry_call(url, prefix, lambda reg: reg.list())] == ["v0"]
+
+    # ---- SIGTERM mid-PPO: the round is abandoned at the next iteration, exit 0
+    proc = start_learner(long_round, log_path)
     try:
-        deadline = time.monotonic() + 120
-        while "ppo it 1/" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        # Mid-round (RM trained, PPO running); more feedback arrives meanwhile.
+        wait_for_log(proc, log_path, "ppo it 1/", 1)
         second = synthetic.preference_data(30, k=4, n_users=20, seed=31)
-        sent |= xadd(r, keys, second)
+        sent |= xadd(r, keys, second)  # arrives while the learner is busy training
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "abandoned during ppo" in log_path.read_text()
+    nothing_published()
+
+    # ---- SIGKILL mid-PPO (after it consumed the second batch)
+    proc = start_learner(long_round, log_path)
+    try:
+        wait_for_log(proc, log_path, "ppo it 1/", 2)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
-
-    store = ModelStore(tmp_path / "store")
-    assert store.list() == []
-    visible = [p.name for p in store.root.iterdir()] if store.root.exists() else []
-    assert all(name.startswith(".") for name in visible), visible
-    assert registry_call(url, prefix, lambda reg: reg.list())[0].id == "v0"
+    nothing_published()
     ds = Dataset(DatasetConfig(path=str(tmp_path / "learner" / "dataset.sqlite3")))
-    assert sorted(ds.feedback_ids()) == sorted(f.feedback_id for _, f in first)
+    assert sorted(ds.feedback_ids()) == sorted(sent)
 
     # ---- restart: the round is redone on everything, nothing lost, nothing twice
-    with open(log_path, "ab") as log:
-        proc = subprocess.run(
-            learner_cmd(url, prefix, tmp_path, ppo_iterations=2),
-            stdout=log, stderr=subprocess.STDOUT, env=env, timeout=180,
-        )  # fmt: skip
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    proc = start_learner(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
+    try:
+        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
     ids = ds.feedback_ids()
     assert len(ids) == len(set(ids)) == len(sent) == 60 and set(ids) == sent
     assert ds.counts()["prompts"] == 60
