@@ -8,8 +8,8 @@
      with some new data) and runs it (rounds.py).
 
 SIGTERM / SIGINT set a stop event: the batch in hand is persisted and acknowledged, a
-running round finishes its current phase and is then abandoned (unless it is already
-publishing, which is short and completes). Nothing is acknowledged before it is
+running round is abandoned at the next PPO iteration, SFT step or phase boundary (unless
+it is already publishing, which is short and completes). Nothing is acknowledged before it is
 persisted, and a version is visible only once completely written, so a learner killed
 at any moment (even SIGKILL) restarts without losing or double-counting feedback.
 
@@ -114,6 +114,10 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
                 reason = learner.due()
                 if reason is None:
                     continue
+                # Read the backlog to the end first: a judgement read before its prompt
+                # (the two streams are read in batches) would miss this round.
+                while not stop.is_set() and consumer.poll(block_ms=0).entries:
+                    pass
                 result = learner.run_round(reason, stop)
                 if result is not None:
                     published += 1

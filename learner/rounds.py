@@ -12,7 +12,7 @@ One round, top to bottom (Learner.run_round):
                SFT policy, or the base model before any SFT (ppo.py);
   4. gate      RM-estimated win rate of the candidate against the serving version on
                held-out prompts (users split by hash, as the paper split by customer)
-               above a threshold, and KL to the reference below a bound;
+               above a threshold, and KL to the reference below a bound (gate.py);
   5. publish   the candidate into the model store and the registry with its metrics,
                the feedback ids that trained it and the gate result; promote it
                (auto=True) only if the gate passed and no operator froze promotion.
@@ -34,20 +34,14 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SFTStepConfig
 from instructloop.learner.dataset import Dataset
-from instructloop.learner.ppo import PPOStopped, load_policy, rollout, train_ppo
-from instructloop.learner.reward import (
-    load_reward_model,
-    score_texts,
-    train_reward_model,
-)
+from instructloop.learner.gate import evaluate_gate
+from instructloop.learner.ppo import PPOStopped, load_policy, train_ppo
+from instructloop.learner.reward import train_reward_model
 from instructloop.learner.sft import run_sft
 from instructloop.registry import CURRENT, Frozen, Registry, publish_version
 from instructloop.store import ModelStore
@@ -162,6 +156,8 @@ class Learner:
         stop = stop or threading.Event()
         n = self.state.round + 1
         work = self.rounds_dir / f"r{n}"
+        if (adopted := self._adopt_published(n, work)) is not None:
+            return adopted
         shutil.rmtree(work, ignore_errors=True)  # a round abandoned or killed before
         work.mkdir(parents=True)
         t_round = time.perf_counter()
@@ -251,8 +247,12 @@ class Learner:
         # ---- 4. gate: beat the serving version on held-out prompts, stay near the reference
         phase("gate")
         gate_prompts = ds.rl_prompts("heldout")[: self.cfg.gate_prompts]
-        gate = self.gate(work / "policy", serving.policy_dir, ref_dir, rm_dir, gate_prompts)
+        gate = evaluate_gate(
+            self.cfg, self.ppo_cfg, work / "policy", serving.policy_dir, ref_dir, rm_dir,
+            gate_prompts,
+        )  # fmt: skip
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
+        gate["learner"] = str(self.data_dir.resolve())  # which learner's round this is
 
         # ---- 5. publish (from here on the round completes: the steps are short)
         phase("publish")
@@ -261,6 +261,7 @@ class Learner:
             trained_on += [d.feedback_id for d in demos]
         metrics = {
             "round": n,
+            "feedback_seq": seq_hi,
             "rm_heldout_accuracy": rm_metrics.get("heldout_accuracy", float("nan")),
             "rm_heldout_pairs": rm_metrics.get("heldout_pairs", 0),
             "rm_train_loss": rm_metrics.get("train_loss", float("nan")),
@@ -286,16 +287,7 @@ class Learner:
         )
         result.reference = str(ref_dir)
 
-        # ---- commit the round: the learner's state moves only now
-        st.round = n
-        st.comparisons_seq = seq_hi
-        if sft_ran:
-            st.demonstrations_seq, st.sft_dir = seq_hi, str(work / "sft")
-        if comparisons:
-            st.rm_dir = str(rm_dir)
-        st.last_round_at, st.last_version = time.time(), result.version
-        st.save(self.state_path)
-        self._prune()
+        self._commit(n, work, seq_hi, sft_ran, bool(comparisons), result.version)
         log.info(
             "round %d: done in %.1fs: %s %s (win rate %.3f, kl %.3f)",
             n,
@@ -306,6 +298,59 @@ class Learner:
             gate["kl"],
         )
         return result
+
+    def _commit(
+        self, n: int, work: Path, seq_hi: int, sft_ran: bool, rm_trained: bool, version: str
+    ) -> None:
+        """The round is done: the learner's state moves (one atomic file replace)."""
+        st = self.state
+        st.round, st.comparisons_seq = n, seq_hi
+        if sft_ran:
+            st.demonstrations_seq, st.sft_dir = seq_hi, str(work / "sft")
+        if rm_trained:
+            st.rm_dir = str(work / "rm")
+        st.last_round_at, st.last_version = time.time(), version
+        st.save(self.state_path)
+        self._prune()
+
+    def _adopt_published(self, n: int, work: Path) -> RoundResult | None:
+        """A learner killed after publishing round n but before committing it: the version
+        is in the store and the registry, so the round is done; commit it instead of
+        training (and publishing) it a second time. Promote it if the crash came before
+        the promotion and `current` has not moved since."""
+        mine = str(self.data_dir.resolve())
+        found = [
+            m
+            for m in self.store.list()
+            if m.gate.get("learner") == mine and m.metrics.get("round") == n
+        ]
+        if not found or not work.is_dir():
+            return None
+        m = found[-1]
+        log.warning("round %d: %s was published before a crash; adopting it", n, m.id)
+        promoted = frozen = False
+
+        async def promote() -> None:
+            nonlocal promoted, frozen
+            if not m.gate.get("passed") or await self.registry.alias(CURRENT) != m.parent:
+                return
+            try:
+                await self.registry.promote(
+                    m.id, actor="learner", reason=m.gate["reason"], auto=True
+                )
+                promoted = True
+            except Frozen as e:
+                frozen = True
+                log.warning("round %d: %s is not promoted: %s", n, m.id, e)
+
+        self._await(promote())
+        seq = int(m.metrics["feedback_seq"])
+        sft_ran = m.metrics.get("sft_demonstrations", 0) > 0 and (work / "sft").is_dir()
+        self._commit(n, work, seq, sft_ran, m.metrics.get("rm_comparisons", 0) > 0, m.id)
+        return RoundResult(
+            n, "adopted after a crash", m.id, promoted, frozen, m.gate, m.metrics,
+            list(m.feedback_ids), m.gate.get("reference", ""),
+        )  # fmt: skip
 
     async def publish(
         self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran
@@ -343,68 +388,6 @@ class Learner:
         return RoundResult(
             n, reason, info.id, promoted, frozen, gate, metrics, trained_on, "", sft_version
         )
-
-    # ---------------------------------------------------------------- the gate
-
-    @torch.no_grad()
-    def gate(
-        self,
-        candidate_dir: Path,
-        serving_dir: Path,
-        ref_dir: Path,
-        reward_dir: Path,
-        prompts: Sequence[str],
-    ) -> dict:
-        """RM-estimated win rate of candidate vs serving, and KL(candidate || reference)."""
-        cfg = self.cfg
-        if not prompts:
-            return {
-                "passed": False, "reason": "no held-out prompts to evaluate on",
-                "win_rate": float("nan"), "kl": float("nan"),
-                "candidate_score": float("nan"), "serving_score": float("nan"),
-            }  # fmt: skip
-        torch.manual_seed(cfg.gate_seed)
-        candidate, tokenizer = load_policy(candidate_dir)
-        serving, _ = load_policy(serving_dir)
-        ref, _ = load_policy(ref_dir)
-        rm, rm_tokenizer = load_reward_model(reward_dir)
-        for m in (candidate, serving, ref, rm):
-            m.eval()
-        batch = [p for p in prompts for _ in range(cfg.gate_samples_per_prompt)]
-        wins, kls, cand_scores, serv_scores = [], [], [], []
-        step = self.ppo_cfg.rollout_prompts
-        t0 = time.perf_counter()
-        for i in range(0, len(batch), step):
-            chunk = batch[i : i + step]
-            ro_c = rollout(candidate, ref, tokenizer, chunk, self.ppo_cfg)
-            ro_s = rollout(serving, serving, tokenizer, chunk, self.ppo_cfg)
-            c = score_texts(rm, rm_tokenizer, chunk, ro_c.texts)  # [B]
-            s = score_texts(rm, rm_tokenizer, chunk, ro_s.texts)  # [B]
-            wins.append((c > s).float() + 0.5 * (c == s).float())
-            kls.append(((ro_c.logp - ro_c.ref_logp) * ro_c.mask).sum(-1))  # [B] per response
-            cand_scores.append(c)
-            serv_scores.append(s)
-        win_rate = torch.cat(wins).mean().item()
-        kl = torch.cat(kls).mean().item()
-        passed = win_rate > cfg.win_rate_threshold and kl < cfg.max_kl
-        reason = (
-            f"win rate {win_rate:.3f} {'>' if win_rate > cfg.win_rate_threshold else '<='} "
-            f"{cfg.win_rate_threshold}, KL {kl:.3f} {'<' if kl < cfg.max_kl else '>='} "
-            f"{cfg.max_kl} on {len(batch)} held-out samples"
-        )
-        log.info("gate: %s -> %s (%.1fs)", reason, "passed" if passed else "rejected",
-                 time.perf_counter() - t0)  # fmt: skip
-        return {
-            "passed": passed,
-            "reason": reason,
-            "win_rate": win_rate,
-            "win_rate_threshold": cfg.win_rate_threshold,
-            "kl": kl,
-            "kl_bound": cfg.max_kl,
-            "candidate_score": torch.cat(cand_scores).mean().item(),
-            "serving_score": torch.cat(serv_scores).mean().item(),
-            "heldout_samples": len(batch),
-        }
 
     # ---------------------------------------------------------------- versions -> dirs
 

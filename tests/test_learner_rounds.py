@@ -154,6 +154,14 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     info = registry_call(url, prefix, lambda reg: reg.get("v1"))
     assert info.gate.passed and info.feedback_count == len(m1.feedback_ids)
 
+    # A crash after publishing but before the learner saved its state: the restarted
+    # learner adopts v1 as round 1 instead of training and publishing it a second time.
+    (tmp_path / "learner" / "state.json").unlink()
+    assert run(configs(tmp_path, url, prefix, **PERMISSIVE)) == 0
+    assert [m.id for m in store.list()] == ["v1"]
+    state = json.loads((tmp_path / "learner" / "state.json").read_text())
+    assert state["round"] == 1 and state["last_version"] == "v1" and state["rm_dir"]
+
     # ---- round 2, impossible gate: registered as rejected, `current` stays; trained on
     # the new comparisons only (warm-started RM, one epoch over what is new)
     data2 = synthetic.preference_data(40, k=4, n_users=20, seed=11)
