@@ -225,6 +225,15 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
     state = json.loads((tmp_path / "learner" / "state.json").read_text())
     assert state["sft_dir"].endswith("r1/sft") and Path(state["sft_dir"]).is_dir()
 
+    # The next LoRA round (no new demonstrations: no SFT) continues the serving adapter
+    # over the same SFT weights, still against the SFT reference.
+    xadd(r, keys, synthetic.preference_data(24, k=4, n_users=20, seed=21))
+    assert run(configs(tmp_path, url, prefix, kind="lora", **PERMISSIVE)) == 0
+    nxt = store.verify("v3")
+    assert (nxt.kind, nxt.base_model, nxt.parent) == ("lora", "v1", "v2")
+    assert nxt.gate["reference"] == "sft" and nxt.metrics["sft_demonstrations"] == 0
+    assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v3"
+
 
 # ---------------------------------------------------------------------------- SIGKILL
 
