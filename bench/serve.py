@@ -334,7 +334,7 @@ async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[Cal
 
     async def call(prompt: str) -> int:
         tokens = 0
-        async with engine.lease() as lease:  # as the servicer does: fixes the version
+        async with engine.leases([None]) as (lease,):  # as the servicer does: fixes the version
             ids = engine.encode(prompt)
             async for deltas in engine.generate(uuid.uuid4().hex, ids, spec, lease):
                 tokens += sum(len(d.token_ids) for d in deltas)

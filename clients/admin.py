@@ -83,7 +83,20 @@ class AdminClient:
         return self._call(self._stub.Unfreeze, admin_pb2.FreezeRequest(reason=reason))
 
     def set_canary(
-        self, version: str, share: float = 0.1, reason: str = ""
+        self,
+        version: str,
+        share: float = 0.1,
+        reason: str = "",
+        *,
+        promote_at: float = 0.0,
+        rollback_at: float = 0.0,
+        min_comparisons: int = 0,
     ) -> admin_pb2.AliasChange:
-        request = admin_pb2.SetCanaryRequest(version=version, share=share, reason=reason)
+        """Route `share` of traffic to a LoRA version ("" clears the canary). After
+        min_comparisons arena outcomes, a win rate >= promote_at promotes it and one
+        <= rollback_at ends it (0 disables either)."""
+        request = admin_pb2.SetCanaryRequest(
+            version=version, share=share, reason=reason, promote_at=promote_at,
+            rollback_at=rollback_at, min_comparisons=min_comparisons,
+        )  # fmt: skip
         return self._call(self._stub.SetCanary, request)

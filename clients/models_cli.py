@@ -94,6 +94,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("version", nargs="?", default="", help="version id (omit with --clear)")
     q.add_argument("--share", type=float, default=0.1, help="share of traffic, 0..0.5")
     q.add_argument("--clear", action="store_true", help="stop the canary")
+    q.add_argument(
+        "--promote-at",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="promote the canary once its arena win rate reaches RATE (0: never)",
+    )
+    q.add_argument(
+        "--rollback-at",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="end the canary once its win rate falls to RATE (0: never)",
+    )
+    q.add_argument(
+        "--min-comparisons",
+        type=int,
+        default=50,
+        metavar="N",
+        help="outcomes needed before either decision (default: 50)",
+    )
     q.set_defaults(func=_command(_canary, _connect))
 
 
@@ -130,8 +151,11 @@ def _list(args, admin: AdminClient, console: Console) -> int:
     if reply.freeze.frozen:
         console.print(f"[yellow]automatic promotion frozen[/] by {reply.freeze.actor}: "
                       f"{reply.freeze.reason}")  # fmt: skip
-    if reply.aliases.get("canary"):
-        console.print(f"canary {reply.aliases['canary']} takes {reply.canary_share:.0%} of traffic")
+    c = reply.canary
+    if c.version:
+        outcomes = f"{c.wins} wins, {c.losses} losses, {c.ties} ties"
+        console.print(f"canary {c.version} takes {c.share:.0%} of traffic; "
+                      f"arena win rate {c.win_rate:.1%} ({outcomes})")  # fmt: skip
     replicas = Table(title="replicas", title_justify="left")
     for col in ("replica", "mode", "serving", "seen", "last refused swap"):
         replicas.add_column(col)
@@ -181,7 +205,11 @@ def _rollback(args, admin: AdminClient, console: Console) -> int:
 
 def _canary(args, admin: AdminClient, console: Console) -> int:
     version = "" if args.clear else args.version
-    return _print_change(args, admin.set_canary(version, args.share, args.reason), console)
+    change = admin.set_canary(
+        version, args.share, args.reason, promote_at=args.promote_at,
+        rollback_at=args.rollback_at, min_comparisons=args.min_comparisons,
+    )  # fmt: skip
+    return _print_change(args, change, console)
 
 
 def _print_freeze(args, state: admin_pb2.FreezeState, console: Console) -> int:

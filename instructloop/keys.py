@@ -62,9 +62,10 @@ class Keys:
         return f"{self.prefix}:freeze"
 
     @property
-    def canary_share(self) -> str:
-        """Share of traffic routed to the canary alias, as a decimal string."""
-        return f"{self.prefix}:canary_share"
+    def canary(self) -> str:
+        """Hash: the canary's share, promote_at, rollback_at, min_comparisons, and its
+        live outcomes against current (wins, losses, ties)."""
+        return f"{self.prefix}:canary"
 
     @property
     def audit_stream(self) -> str:

@@ -152,23 +152,39 @@ class Registry:
         return await self._transaction(move, self.keys.aliases)
 
     async def set_canary(
-        self, actor: str, version: str, share: float, reason: str = ""
+        self,
+        actor: str,
+        version: str,
+        share: float,
+        reason: str = "",
+        promote_at: float = 0.0,
+        rollback_at: float = 0.0,
+        min_comparisons: int = 0,
     ) -> admin_pb2.AliasChange:
-        """Route `share` of traffic to `version`; an empty version clears the canary."""
+        """Route `share` of traffic to `version`; an empty version clears the canary.
+        Starting a canary resets its win/loss counts."""
         if version:
             await self.get(version)
             if not 0 < share <= MAX_CANARY_SHARE:
                 raise ValueError(f"canary share must be in (0, {MAX_CANARY_SHARE}]; got {share}")
+            for name, value in (("promote_at", promote_at), ("rollback_at", rollback_at)):
+                if not 0 <= value <= 1:
+                    raise ValueError(f"{name} is a win rate in [0, 1]; got {value}")
 
         async def move(pipe) -> admin_pb2.AliasChange:
             old = await self._watched_alias(pipe, CANARY)
             pipe.multi()
+            pipe.delete(self.keys.canary)
             if version:
                 pipe.hset(self.keys.aliases, CANARY, version)
-                pipe.set(self.keys.canary_share, repr(float(share)))
+                pipe.hset(self.keys.canary, mapping={
+                    "share": repr(float(share)), "promote_at": repr(float(promote_at)),
+                    "rollback_at": repr(float(rollback_at)),
+                    "min_comparisons": int(min_comparisons),
+                    "wins": 0, "losses": 0, "ties": 0,
+                })  # fmt: skip
             else:
                 pipe.hdel(self.keys.aliases, CANARY)
-                pipe.delete(self.keys.canary_share)
             self._audit(pipe, actor, "canary", CANARY, old, version, reason or f"share={share}")
             self._event(pipe, "canary", CANARY, version)
             return self._change(CANARY, old, version, actor)
@@ -176,9 +192,51 @@ class Registry:
         return await self._transaction(move, self.keys.aliases)
 
     async def canary(self) -> tuple[str | None, float]:
+        """The canary version and its traffic share (None, 0.0 when there is none)."""
+        state = await self.canary_state()
+        return (state.version or None), state.share
+
+    async def canary_state(self) -> admin_pb2.CanaryState:
         version = await self.alias(CANARY)
-        share = await self.redis.get(self.keys.canary_share)
-        return version, float(share) if share and version else 0.0
+        raw = await self.redis.hgetall(self.keys.canary)
+        if not version or not raw:
+            return admin_pb2.CanaryState()
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        wins, losses, ties = int(f.get("wins", 0)), int(f.get("losses", 0)), int(f.get("ties", 0))
+        total = wins + losses + ties
+        return admin_pb2.CanaryState(
+            version=version, share=float(f.get("share", 0)), wins=wins, losses=losses,
+            ties=ties, win_rate=(wins + ties / 2) / total if total else 0.0,
+            promote_at=float(f.get("promote_at", 0)), rollback_at=float(f.get("rollback_at", 0)),
+            min_comparisons=int(f.get("min_comparisons", 0)),
+        )  # fmt: skip
+
+    async def record_canary_outcomes(self, version: str, wins: int, losses: int, ties: int) -> str:
+        """Count preference outcomes of `version` (the canary) against current, then act
+        on the operator's thresholds. Returns "", "promoted", "ended" or "frozen"."""
+        if await self.alias(CANARY) != version:
+            return ""  # the canary changed meanwhile: these outcomes are for an old one
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.keys.canary, "wins", wins)
+            pipe.hincrby(self.keys.canary, "losses", losses)
+            pipe.hincrby(self.keys.canary, "ties", ties)
+            await pipe.execute()
+        state = await self.canary_state()
+        total = state.wins + state.losses + state.ties
+        if state.version != version or total < max(state.min_comparisons, 1):
+            return ""
+        why = f"canary win rate {state.win_rate:.3f} over {total} comparisons"
+        if state.promote_at and state.win_rate >= state.promote_at:
+            try:
+                await self.promote(version, "canary-judge", why, auto=True)
+            except Frozen:
+                return "frozen"
+            await self.set_canary("canary-judge", "", 0.0, f"promoted: {why}")
+            return "promoted"
+        if state.rollback_at and state.win_rate <= state.rollback_at:
+            await self.set_canary("canary-judge", "", 0.0, f"ended: {why}")
+            return "ended"
+        return ""
 
     # ---- freeze -----------------------------------------------------------------------
 

@@ -86,13 +86,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def ListVersions(self, request, context):
         try:
-            _, share = await self.registry.canary()
+            canary = await self.registry.canary_state()
             return admin_pb2.ListVersionsResponse(
                 versions=await self.registry.list(),
                 aliases=await self.registry.aliases(),
                 freeze=await self.registry.freeze_state(),
                 replicas=await self.registry.replicas(),
-                canary_share=share,
+                canary_share=canary.share,
+                canary=canary,
             )
         except Exception as e:
             await _fail(context, e)
@@ -155,8 +156,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         "adapter so replicas can serve it beside current"
                     )
             return await self.registry.set_canary(
-                _actor(context), request.version, request.share, request.reason
-            )
+                _actor(context), request.version, request.share, request.reason,
+                promote_at=request.promote_at, rollback_at=request.rollback_at,
+                min_comparisons=request.min_comparisons,
+            )  # fmt: skip
         except RegistryError as e:
             if isinstance(e, UnknownVersion):
                 await context.abort(grpc.StatusCode.NOT_FOUND, str(e))

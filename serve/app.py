@@ -115,6 +115,18 @@ async def serve(cfg: ServerConfig) -> None:
         redis_url = redis_proc.url
     metrics = Metrics()
     store = LogStore(redis_url, Keys(cfg.redis_prefix), cfg.prompt_ttl_s)
+    # Bind both ports before the engine's slow start, so nothing can take them meanwhile.
+    server = grpc.aio.server(
+        interceptors=[AdminAuthInterceptor(admin_token(cfg))],
+        options=[
+            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port} (in use?)")
+    metrics.serve_http(cfg.host, cfg.metrics_port)
     engine = VllmEngine(
         str(model_dir),
         version=cfg.version,
@@ -136,14 +148,6 @@ async def serve(cfg: ServerConfig) -> None:
     )  # fmt: skip
     await follower.start(base)
     servicer = InstructLoopServicer(engine, store, cfg.limits, metrics, follower)
-
-    server = grpc.aio.server(
-        interceptors=[AdminAuthInterceptor(admin_token(cfg))],
-        options=[
-            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
     api_pb2_grpc.add_InstructLoopServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry, model_store), server)
     health_servicer = health.aio.HealthServicer()
@@ -151,10 +155,6 @@ async def serve(cfg: ServerConfig) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if port == 0:
-        raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port} (in use?)")
-    metrics.serve_http(cfg.host, cfg.metrics_port)
     await server.start()
     watcher = asyncio.create_task(_watch_health(health_servicer, engine, store))
     log.info(

@@ -20,6 +20,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 
@@ -97,8 +99,9 @@ class Engine(abc.ABC):
         """A conversation rendered as prompt text, ending with an open assistant turn."""
 
     @abc.abstractmethod
-    def lease(self, pin: str | None = None) -> AbstractAsyncContextManager[Lease]:
-        """Admit one request on `pin` (or the current version); waits out a full swap."""
+    def leases(self, pins: Sequence[str | None]) -> AbstractAsyncContextManager[list[Lease]]:
+        """Admit one request's engine calls, each on its pin (None: the current version),
+        all at once; waits out a full swap."""
 
     @abc.abstractmethod
     def generate(
@@ -237,26 +240,31 @@ class VllmEngine(Engine):
     # ---- admission --------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, pin: str | None = None) -> AsyncIterator[Lease]:
+    async def leases(self, pins: Sequence[str | None]) -> AsyncIterator[list[Lease]]:
+        # All leases are taken under one hold of the gate: taking them one by one could
+        # deadlock against a full swap that waits for the first to be released.
         async with self._gate:
             await self._gate.wait_for(lambda: not self._swapping)
-            version = pin or self.version
-            if version == self.weights_version:
-                lease = Lease(version)
-            elif version in self._adapters:
-                lease = Lease(version, self._adapters[version])
-            else:
-                raise VersionNotLoaded(
-                    f"version {version} is not loaded on this replica "
-                    f"(loaded: {', '.join(self.loaded_versions())})"
-                )
-            self._in_use[version] += 1
+            leases = [self._resolve(pin or self.version) for pin in pins]
+            for lease in leases:
+                self._in_use[lease.version] += 1
         try:
-            yield lease
+            yield leases
         finally:
             async with self._gate:
-                self._in_use[version] -= 1
+                for lease in leases:
+                    self._in_use[lease.version] -= 1
                 self._gate.notify_all()
+
+    def _resolve(self, version: str) -> Lease:
+        if version == self.weights_version:
+            return Lease(version)
+        if version in self._adapters:
+            return Lease(version, self._adapters[version])
+        raise VersionNotLoaded(
+            f"version {version} is not loaded on this replica "
+            f"(loaded: {', '.join(self.loaded_versions())})"
+        )
 
     # ---- generation -------------------------------------------------------------------
 
@@ -295,8 +303,11 @@ class VllmEngine(Engine):
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            from vllm.exceptions import VLLMClientError
             from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+            if isinstance(e, VLLMClientError):  # the engine's own request validation
+                raise InvalidArgument(f"the engine refused the request: {e}") from e
             if isinstance(e, EngineDeadError | EngineGenerateError):
                 raise EngineError(f"engine failed: {e.__class__.__name__}: {e}") from e
             raise

@@ -7,19 +7,21 @@ Every exception maps to a status code in one place, `_STATUS`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
 
-from . import validation
+from . import arena, validation
 from .config import Limits
 from .engine import Engine, EngineError, Lease, SampleDelta, VersionNotLoaded
 from .errors import (
@@ -118,14 +120,22 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
 
 
+@dataclass
+class _Part:
+    """One engine call of a request: its lease and the response positions it fills."""
+
+    lease: Lease
+    indexes: list[int]
+
+
 class _Accumulator:
     """Collects streamed deltas into complete samples."""
 
-    def __init__(self, n: int, version: str, with_logprobs: bool):
+    def __init__(self, versions: list[str]):
         self.samples = [
-            api_pb2.Sample(sample_id=_new_id("s"), index=i, version=version) for i in range(n)
+            api_pb2.Sample(sample_id=_new_id("s"), index=i, version=v)
+            for i, v in enumerate(versions)
         ]
-        self.with_logprobs = with_logprobs
 
     def add(self, d: SampleDelta) -> api_pb2.SampleDelta:
         sample = self.samples[d.index]
@@ -188,10 +198,26 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
 
     # ---- generation -------------------------------------------------------------------
 
-    def _lease(self, request: api_pb2.GenerateRequest):
-        """The request's version: its pin, the canary for a share of traffic, or current."""
-        pin = self.follower.route(request.version) if self.follower else request.version
-        return self.engine.lease(pin or None)
+    @contextlib.asynccontextmanager
+    async def _parts(self, request: api_pb2.GenerateRequest, n: int) -> AsyncIterator[list[_Part]]:
+        """Which versions fill which samples: the pin, or current; a canary-routed request
+        with n >= 2 is an arena, half canary and half current."""
+        pin, is_canary = (
+            self.follower.route(request.version) if self.follower else (request.version, False)
+        )
+        if is_canary and n >= 2:
+            plan = list(zip([pin, None], arena.split_indexes(n), strict=True))
+        else:
+            plan = [(pin or None, list(range(n)))]
+        async with self.engine.leases([p for p, _ in plan]) as leases:
+            yield [_Part(lease, indexes) for lease, (_, indexes) in zip(leases, plan, strict=True)]
+
+    def _versions(self, parts: list[_Part], n: int) -> list[str]:
+        versions = [""] * n
+        for part in parts:
+            for i in part.indexes:
+                versions[i] = part.lease.version
+        return versions
 
     def _admit(self, request: api_pb2.GenerateRequest) -> validation.GenerateJob:
         if self._inflight >= self.limits.max_concurrent_requests:
@@ -208,23 +234,33 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         )
 
     async def _run(
-        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator, lease: Lease
+        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator, parts: list[_Part]
     ) -> AsyncIterator[api_pb2.SampleDelta]:
-        """Drive the engine for one request; abort it there if we stop early."""
+        """Drive the engine (one call per part); abort there if we stop early."""
         self._inflight += 1
         self.metrics.inflight.inc()
+        request_ids = [prompt_id] if len(parts) == 1 else [f"{prompt_id}-{k}" for k in range(2)]
+        streams = [
+            self.engine.generate(
+                rid, job.prompt_token_ids, replace(job.spec, n=len(p.indexes)), p.lease
+            )
+            for rid, p in zip(request_ids, parts, strict=True)
+        ]
+        # One engine call (the common case) is read directly, without the merge's queue.
+        source = arena.merge(streams) if len(streams) > 1 else ((0, d) async for d in streams[0])
         finished = False
         try:
-            deltas_stream = self.engine.generate(prompt_id, job.prompt_token_ids, job.spec, lease)
-            async for deltas in deltas_stream:
+            async for k, deltas in source:
                 for d in deltas:
+                    d.index = parts[k].indexes[d.index]  # engine sample -> response position
                     yield acc.add(d)
             finished = True
         finally:
             self._inflight -= 1
             self.metrics.inflight.dec()
-            if not finished:  # client went away or we failed: free the engine's slot
-                await self.engine.abort(prompt_id)
+            if not finished:  # client went away or we failed: free the engine's slots
+                for rid in request_ids:
+                    await self.engine.abort(rid)
             self.metrics.generated_tokens.inc(acc.tokens)
 
     async def _finish(
@@ -266,11 +302,11 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         started = time.perf_counter()
         job = self._admit(request)
         prompt_id = _new_id("p")
-        async with self._lease(request) as lease:
-            acc = _Accumulator(job.spec.n, lease.version, job.spec.logprobs is not None)
-            async for _ in self._run(job, prompt_id, acc, lease):
+        async with self._parts(request, job.spec.n) as parts:
+            acc = _Accumulator(self._versions(parts, job.spec.n))
+            async for _ in self._run(job, prompt_id, acc, parts):
                 pass
-        response = await self._finish(job, prompt_id, acc, lease.version)
+        response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         self._log_generate(response, job, started)
         return response
 
@@ -279,11 +315,11 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         started = time.perf_counter()
         job = self._admit(request)
         prompt_id = _new_id("p")
-        async with self._lease(request) as lease:
-            acc = _Accumulator(job.spec.n, lease.version, job.spec.logprobs is not None)
-            async for delta in self._run(job, prompt_id, acc, lease):
+        async with self._parts(request, job.spec.n) as parts:
+            acc = _Accumulator(self._versions(parts, job.spec.n))
+            async for delta in self._run(job, prompt_id, acc, parts):
                 yield api_pb2.GenerateStreamResponse(delta=delta)
-        response = await self._finish(job, prompt_id, acc, lease.version)
+        response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         for s in response.samples:
             s.text = ""  # the deltas carried it
             s.ClearField("logprobs")
@@ -328,6 +364,8 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
             self.metrics.feedback.labels(kind, type(e).__name__).inc()
             raise
         self.metrics.feedback.labels(kind, "duplicate" if result.duplicate else "ok").inc()
+        if not result.duplicate:
+            await self._judge_canary(request, prompt)
         log.info(
             "feedback",
             extra={
@@ -340,6 +378,23 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         return api_pb2.SubmitFeedbackResponse(
             feedback_id=result.feedback_id, duplicate=result.duplicate
         )
+
+    async def _judge_canary(self, feedback, prompt: records_pb2.PromptRecord) -> None:
+        """Feed canary-vs-current outcomes of an arena judgement to the canary's win rate."""
+        if self.follower is None or len({s.version for s in prompt.samples}) < 2:
+            return
+        registry = self.follower.registry
+        try:
+            canary, _ = await registry.canary()
+            if canary is None:
+                return
+            wins, losses, ties = arena.canary_outcomes(feedback, prompt, canary)
+            if wins + losses + ties:
+                decision = await registry.record_canary_outcomes(canary, wins, losses, ties)
+                if decision:
+                    log.info("canary decision", extra={"canary": canary, "decision": decision})
+        except Exception as e:  # the feedback is stored; the A/B count is best effort
+            log.warning("could not count canary outcomes: %s", e)
 
     # ---- model ------------------------------------------------------------------------
 

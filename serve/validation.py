@@ -54,6 +54,11 @@ def _sampling(req: api_pb2.GenerateRequest, limits: Limits) -> SamplingSpec:
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(f"sampling.temperature={temperature} must be a number >= 0")
+    if temperature == 0 and n > 1:
+        raise InvalidArgument(
+            f"temperature 0 is greedy decoding: all n={n} samples would be the same; "
+            "use n=1, or a temperature > 0 to sample different answers"
+        )
     top_p = s.top_p if s.HasField("top_p") else 1.0
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise InvalidArgument(f"sampling.top_p={top_p} must be in (0, 1]")

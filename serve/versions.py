@@ -197,11 +197,11 @@ class VersionFollower:
 
     # ---- routing ----------------------------------------------------------------------
 
-    def route(self, pin: str) -> str | None:
-        """The version a new request runs on: its pin, else the canary for a share of
-        traffic, else None (current)."""
+    def route(self, pin: str) -> tuple[str | None, bool]:
+        """(version, is_canary) for a new request: its pin, else the canary for a share of
+        traffic, else (None, False), meaning current."""
         if pin:
-            return pin
+            return pin, False
         if self.canary and random.random() < self.canary[1]:
-            return self.canary[0]
-        return None
+            return self.canary[0], True
+        return None, False

@@ -98,6 +98,7 @@ BAD_GENERATE = [
     ({"n": 17}, "n=17"),
     ({"sampling.max_tokens": 100_000}, "max_tokens"),
     ({"sampling.temperature": -1.0}, "temperature"),
+    ({"n": 2, "sampling.temperature": 0.0}, "greedy"),
     ({"sampling.top_p": 0.0}, "top_p"),
     ({"sampling.top_p": 1.5}, "top_p"),
     ({"sampling.top_k": -3}, "top_k"),

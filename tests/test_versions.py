@@ -278,3 +278,40 @@ def test_admin_calls_need_the_credential(fleet):
     with pytest.raises(grpc.RpcError) as err:
         fleet.admin.get_version("v404")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _arena_judgements(fleet: Fleet, canary: str, current: str, prefer_canary: bool, count: int):
+    """Send `count` choices on arena responses (one canary, one current sample)."""
+    client, sent, deadline = fleet.clients[0], 0, time.monotonic() + 60
+    while sent < count and time.monotonic() < deadline:
+        # top_k=1 decodes greedily yet allows n=2 (vLLM refuses n>1 at temperature 0).
+        r = client.generate(PROMPT, n=2, max_tokens=12, temperature=1.0, top_k=1)
+        by_version = {s.version: s for s in r.samples}
+        if set(by_version) != {canary, current}:
+            continue
+        for s in r.samples:  # each sample is its own version's output
+            assert s.text == fleet.fingerprint[s.version]
+        winner, loser = (canary, current) if prefer_canary else (current, canary)
+        client.choose(r.prompt_id, by_version[winner].sample_id, by_version[loser].sample_id,
+                      user_id=f"arena-{canary}-{sent}")  # fmt: skip
+        sent += 1
+    assert sent == count, "no arena responses: the canary never took traffic"
+
+
+def test_arena_win_rate_promotes_or_ends_the_canary(fleet):
+    l1, l2, l3 = fleet.lora
+    fleet.promote(l1)
+
+    fleet.admin.set_canary(l2, share=0.5, promote_at=0.7, min_comparisons=4, reason="A/B")
+    _arena_judgements(fleet, canary=l2, current=l1, prefer_canary=True, count=4)
+    fleet.wait_all_serving(l2)  # users preferred it: promoted
+    state = fleet.admin.list_versions()
+    assert state.aliases["current"] == l2 and "canary" not in state.aliases
+    audit = registry_call(fleet.redis_url, lambda r: r.audit_log(5))
+    assert any(a.action == "auto-promote" and a.actor == "canary-judge" for a in audit)
+
+    fleet.admin.set_canary(l3, share=0.5, rollback_at=0.3, min_comparisons=4, reason="A/B")
+    _arena_judgements(fleet, canary=l3, current=l2, prefer_canary=False, count=4)
+    state = fleet.admin.list_versions()
+    assert "canary" not in state.aliases, "users preferred current: the canary ends"
+    assert state.aliases["current"] == l2
