@@ -130,7 +130,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
         finally:
             server.stop()
-        [manifest] = [m for m in ModelStore(work / "store").list() if m.metrics.get("round")]
+        # the candidate (in lora mode the SFT weights are a version of their own, before it)
+        [manifest] = [m for m in ModelStore(work / "store").list() if "ppo_episodes" in m.metrics]
         m = manifest.metrics
 
     ppo_s = m["ppo_rollout_s"] + m["ppo_scoring_s"] + m["ppo_update_s"]
