@@ -18,13 +18,13 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from conftest import start_servers, stop_server
-from variants import full_variant, lora_variant
 
 from instructloop.clients import Client
 from instructloop.clients.admin import AdminClient
 from instructloop.keys import Keys
 from instructloop.registry import Frozen, Registry, publish_version
 from instructloop.store import ModelStore
+from instructloop.variants import full_variant, lora_variant
 
 TOKEN = "test-admin-token"
 PREFIX = "fleet"

@@ -1,6 +1,7 @@
-"""Test models whose greedy outputs differ: full-weight variants and LoRA adapters of the
-tiny model. Their logits are peaked (large random weights), so greedy decoding does not
-hinge on near-ties and a version's output is a stable fingerprint of its weights."""
+"""Model versions whose greedy outputs differ, for tests and benchmarks: full-weight
+variants and LoRA adapters of a model (the tiny default). Their logits are peaked (large
+random weights), so greedy decoding does not hinge on near-ties and a version's output is
+a stable fingerprint of its weights."""
 
 from __future__ import annotations
 

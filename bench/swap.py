@@ -1,0 +1,267 @@
+"""Swap benchmark: what a version swap costs the clients of a live server.
+
+In one run, on the default tiny model (or --model):
+  1. our server (a subprocess, LoRA enabled, real Redis) under steady greedy load from
+     --concurrency clients; for each mode (full weights, LoRA adapter) and --repeats
+     swaps: the time from the promote call (the registry event) to the first response
+     that names the new version, requests failed, and request latency p50/p99 in the
+     second after each promote against steady state;
+  2. the bare vLLM calls the server's swap is built on, in-process on the same model:
+     pause + reload_weights + resume (full), and add_lora (LoRA);
+and reports swap latency against the bare call as a ratio.
+
+    python bench/swap.py                 # prints a table, writes bench/results/swap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
+
+PROMPT = "reverse: swap"
+GREEDY = {"n": 1, "max_tokens": 12, "temperature": 0.0}
+TOKEN = "bench-admin-token"
+PREFIX = "bench-swap"
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Load:
+    """Closed-loop greedy clients; records (start, end, version, error) per request."""
+
+    def __init__(self, target: str, concurrency: int):
+        from instructloop.clients import Client
+
+        self.clients = [Client(target, timeout=60, max_attempts=1) for _ in range(concurrency)]
+        self.records: list[tuple[float, float, str, str]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(c,)) for c in self.clients]
+
+    def _run(self, client) -> None:
+        import grpc
+
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            try:
+                version, error = client.generate(PROMPT, **GREEDY).version, ""
+            except grpc.RpcError as e:
+                version, error = "", e.code().name
+            self.records.append((start, time.perf_counter(), version, error))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        for c in self.clients:
+            c.close()
+
+    def first_response_of(self, version: str, after: float, timeout: float = 60) -> float:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            ends = [end for start, end, v, _ in list(self.records) if v == version and end > after]
+            if ends:
+                return min(ends) - after
+            time.sleep(0.001)
+        raise TimeoutError(f"no response from {version} within {timeout}s")
+
+    def window(self, t0: float, t1: float) -> tuple[list[float], int]:
+        rows = [r for r in list(self.records) if t0 <= r[0] < t1]
+        return [end - start for start, end, _, e in rows if not e], sum(1 for r in rows if r[3])
+
+
+def publish(redis_url: str, store_dir: Path, src: Path, kind: str, base: str) -> str:
+    import redis.asyncio as aioredis
+
+    from instructloop.keys import Keys
+    from instructloop.registry import Registry, publish_version
+    from instructloop.store import ModelStore
+
+    async def go() -> str:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            info = await publish_version(
+                Registry(client, Keys(PREFIX)), ModelStore(store_dir), str(src), kind=kind,
+                parent="v0", base_model=base, gate={"passed": True, "reason": "bench"},
+                actor="bench",
+            )  # fmt: skip
+            return info.id
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def measure_server(args, model: Path, work: Path, variants: dict) -> dict:
+    from conftest import start_servers, stop_server
+
+    from instructloop.clients.admin import AdminClient
+    from instructloop.redis_embedded import EmbeddedRedis, free_port
+
+    redis = EmbeddedRedis(work / "redis", port=free_port()).start()
+    store_dir = work / "store"
+    extra = ("--enable-lora", "--model-store", str(store_dir), "--admin-token", TOKEN,
+             "--poll-interval-s", "5")  # fmt: skip
+    (server,) = start_servers(model, redis.url, [work / "server"], PREFIX, *extra)
+    result: dict = {"swaps": []}
+    try:
+        ids = {
+            "full": [
+                publish(redis.url, store_dir, p, "full", str(model)) for p in variants["full"]
+            ],
+            "lora": [publish(redis.url, store_dir, p, "lora", "v0") for p in variants["lora"]],
+        }
+        admin = AdminClient(server.target, token=TOKEN, actor="bench")
+        with Load(server.target, args.concurrency) as load:
+            time.sleep(args.steady_s)
+            steady_end = time.perf_counter()
+            steady, steady_failed = load.window(0, steady_end)
+            result["steady"] = {
+                "requests": len(steady), "failed": steady_failed,
+                "p50_ms": 1e3 * _pct(steady, 0.5), "p99_ms": 1e3 * _pct(steady, 0.99),
+            }  # fmt: skip
+            for mode in ("full", "lora"):
+                admin.promote("v0")  # every swap starts from v0's weights
+                time.sleep(1.0)
+                for i in range(args.repeats):
+                    target = ids[mode][i % len(ids[mode])]
+                    t0 = time.perf_counter()
+                    admin.promote(target, reason="bench")
+                    latency = load.first_response_of(target, t0)
+                    time.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
+                    lat, failed = load.window(t0, t0 + 1.0)
+                    result["swaps"].append({"mode": mode, "version": target, "swap_s": latency,
+                                            "failed": failed, "p50_ms": 1e3 * _pct(lat, 0.5),
+                                            "p99_ms": 1e3 * _pct(lat, 0.99)})  # fmt: skip
+                    print(f"  {mode:4} -> {target}: first response {1e3 * latency:.0f} ms, "
+                          f"{failed} failed", flush=True)  # fmt: skip
+                    if mode == "full":
+                        admin.promote("v0")
+                        time.sleep(0.5)
+            result["total_requests"] = len(load.records)
+            result["total_failed"] = sum(1 for r in load.records if r[3])
+        admin.close()
+    finally:
+        stop_server(server)
+        redis.stop()
+    return result
+
+
+async def measure_bare(args, model: Path, variants: dict) -> dict:
+    """The vLLM calls underneath: pause + reload_weights + resume, and add_lora."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(model), dtype="float32", enforce_eager=True, enable_lora=True,
+        max_lora_rank=16, max_loras=4, disable_log_stats=True,
+    ))  # fmt: skip
+    full, lora = [], []
+    try:
+        for i in range(args.repeats):
+            target = variants["full"][i % len(variants["full"])]
+            t0 = time.perf_counter()
+            await llm.pause_generation(mode="wait")
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(target)})
+            await llm.resume_generation()
+            full.append(time.perf_counter() - t0)
+        for i in range(args.repeats):
+            request = LoRARequest(f"bench-{i}", i + 1, str(variants["lora"][i % 2]))
+            t0 = time.perf_counter()
+            await llm.add_lora(request)
+            lora.append(time.perf_counter() - t0)
+    finally:
+        llm.shutdown()
+    return {"full": full, "lora": lora}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="", help="HF model dir (default: build the tiny one)")
+    parser.add_argument("--repeats", type=int, default=5, help="swaps per mode (default: 5)")
+    parser.add_argument("--concurrency", type=int, default=8, help="load clients (default: 8)")
+    parser.add_argument(
+        "--steady-s",
+        type=float,
+        default=5.0,
+        help="seconds of steady load measured before the swaps (default: 5)",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "bench/results/swap.json"),
+        help="JSON result path (default: bench/results/swap.json)",
+    )
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from instructloop.tinymodel import build_tiny_model
+    from instructloop.variants import full_variant, lora_variant
+
+    work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
+    model = Path(args.model) if args.model else build_tiny_model(work / "tiny")
+    variants = {
+        "full": [full_variant(model, work / f"full{i}", seed=i) for i in (1, 2)],
+        "lora": [lora_variant(model, work / f"lora{i}", seed=10 + i) for i in (1, 2)],
+    }
+    print("server under load ...", flush=True)
+    served = measure_server(args, model, work, variants)
+    print("bare vLLM calls ...", flush=True)
+    bare = asyncio.run(measure_bare(args, model, variants))
+
+    table = Table(title=f"swap latency (concurrency {args.concurrency}, {args.repeats} swaps/mode)")
+    for col in ("mode", "promote -> first new response p50", "bare vLLM call p50", "ratio",
+                "failed", "p99 during swap", "p99 steady"):  # fmt: skip
+        table.add_column(col, justify="right")
+    summary = {}
+    for mode in ("full", "lora"):
+        rows = [s for s in served["swaps"] if s["mode"] == mode]
+        swap_p50 = statistics.median(s["swap_s"] for s in rows)
+        bare_p50 = statistics.median(bare[mode])
+        p99_swap = statistics.median(s["p99_ms"] for s in rows)
+        summary[mode] = {"swap_p50_s": swap_p50, "bare_p50_s": bare_p50,
+                         "ratio": swap_p50 / bare_p50, "failed": sum(s["failed"] for s in rows),
+                         "p99_during_swap_ms": p99_swap}  # fmt: skip
+        table.add_row(mode, f"{1e3 * swap_p50:.0f} ms", f"{1e3 * bare_p50:.0f} ms",
+                      f"{swap_p50 / bare_p50:.1f}x", str(summary[mode]["failed"]),
+                      f"{p99_swap:.0f} ms", f"{served['steady']['p99_ms']:.0f} ms")  # fmt: skip
+    Console().print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "params": vars(args),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "server": served, "bare": bare, "summary": summary,
+    }, indent=2))  # fmt: skip
+    print(f"wrote {out}; {served['total_failed']} of {served['total_requests']} requests failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
