@@ -105,9 +105,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, lease: Lease
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        lease: Lease,
+        stream: bool = True,
     ) -> AsyncIterator[list[SampleDelta]]:
-        """Stream deltas for the n samples until every sample has finished."""
+        """Deltas for the n samples until every sample has finished; with stream=False,
+        each sample arrives whole, once (no per-token work for unary calls)."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...
@@ -269,7 +275,12 @@ class VllmEngine(Engine):
     # ---- generation -------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, lease: Lease
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        lease: Lease,
+        stream: bool = True,
     ) -> AsyncIterator[list[SampleDelta]]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -283,7 +294,7 @@ class VllmEngine(Engine):
             seed=spec.seed,
             stop=list(spec.stop) or None,
             logprobs=spec.logprobs,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
         prompt = {"prompt_token_ids": prompt_token_ids}
         try:

@@ -137,7 +137,8 @@ class _Accumulator:
             for i, v in enumerate(versions)
         ]
 
-    def add(self, d: SampleDelta) -> api_pb2.SampleDelta:
+    def add(self, d: SampleDelta) -> list[api_pb2.TokenLogprob]:
+        """Append a delta to its sample; returns its logprobs as protos."""
         sample = self.samples[d.index]
         sample.text += d.text
         sample.token_count += len(d.token_ids)
@@ -145,9 +146,7 @@ class _Accumulator:
             sample.finish_reason = _FINISH.get(d.finish_reason, api_pb2.FINISH_REASON_STOP)
         logprobs = [_logprob(lp) for lp in d.logprobs or []]
         sample.logprobs.extend(logprobs)
-        return api_pb2.SampleDelta(
-            index=d.index, text=d.text, token_count=len(d.token_ids), logprobs=logprobs
-        )
+        return logprobs
 
     @property
     def tokens(self) -> int:
@@ -234,15 +233,21 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         )
 
     async def _run(
-        self, job: validation.GenerateJob, prompt_id: str, acc: _Accumulator, parts: list[_Part]
+        self,
+        job: validation.GenerateJob,
+        prompt_id: str,
+        acc: _Accumulator,
+        parts: list[_Part],
+        stream: bool,
     ) -> AsyncIterator[api_pb2.SampleDelta]:
-        """Drive the engine (one call per part); abort there if we stop early."""
+        """Drive the engine (one call per part); abort there if we stop early. With
+        stream=False the engine hands over whole samples and nothing is yielded."""
         self._inflight += 1
         self.metrics.inflight.inc()
         request_ids = [prompt_id] if len(parts) == 1 else [f"{prompt_id}-{k}" for k in range(2)]
         streams = [
             self.engine.generate(
-                rid, job.prompt_token_ids, replace(job.spec, n=len(p.indexes)), p.lease
+                rid, job.prompt_token_ids, replace(job.spec, n=len(p.indexes)), p.lease, stream
             )
             for rid, p in zip(request_ids, parts, strict=True)
         ]
@@ -253,7 +258,12 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
             async for k, deltas in source:
                 for d in deltas:
                     d.index = parts[k].indexes[d.index]  # engine sample -> response position
-                    yield acc.add(d)
+                    logprobs = acc.add(d)
+                    if stream:
+                        yield api_pb2.SampleDelta(
+                            index=d.index, text=d.text, token_count=len(d.token_ids),
+                            logprobs=logprobs,
+                        )  # fmt: skip
             finished = True
         finally:
             self._inflight -= 1
@@ -304,7 +314,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         prompt_id = _new_id("p")
         async with self._parts(request, job.spec.n) as parts:
             acc = _Accumulator(self._versions(parts, job.spec.n))
-            async for _ in self._run(job, prompt_id, acc, parts):
+            async for _ in self._run(job, prompt_id, acc, parts, stream=False):
                 pass
         response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         self._log_generate(response, job, started)
@@ -317,7 +327,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         prompt_id = _new_id("p")
         async with self._parts(request, job.spec.n) as parts:
             acc = _Accumulator(self._versions(parts, job.spec.n))
-            async for delta in self._run(job, prompt_id, acc, parts):
+            async for delta in self._run(job, prompt_id, acc, parts, stream=True):
                 yield api_pb2.GenerateStreamResponse(delta=delta)
         response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         for s in response.samples:
