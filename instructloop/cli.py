@@ -1,6 +1,6 @@
 """The `instructloop` command.
 
-Server side:  serve, init-model.
+Server side:  serve, init-model, learn; up (Redis + server + learner), simulate (users).
 Client side:  generate, feedback, model (instructloop.clients.cli);
               models (instructloop.clients.models_cli, admin).
 Heavy imports (vLLM, torch) happen inside the subcommand that needs them, so the client
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
     from instructloop.clients import models_cli
     from instructloop.learner import cli as learner_cli
+    from instructloop.loop import cli as loop_cli
     from instructloop.serve.config import ServerConfig
     from instructloop.tinymodel import TinyModelConfig
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     models_cli.register(sub)
     learner_cli.register(sub)
+    loop_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,131 @@
+"""`instructloop up` and `instructloop simulate`: options from their config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from instructloop.cliargs import add_dataclass_arguments, dataclass_from_args
+
+from .simulate import SimulateConfig
+from .up import UpConfig
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .up import run
+
+    return run(dataclass_from_args(UpConfig, args))
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _view(sim):
+    """The live progress: totals, then one row per version."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    s = sim.stats
+    head = Text.assemble(
+        ("instructloop simulate  ", "bold"),
+        f"{sim.elapsed():6.0f}s  serving {sim.current or '?'}  ",
+        f"comparisons {s.comparisons}/{sim.cfg.max_comparisons} ",
+        f"({s.heldout_comparisons} held-out)  demonstrations {s.demonstrations}  ",
+        (f"errors {s.errors}" if s.errors else "", "red"),
+    )
+    table = Table(box=None, header_style="bold")
+    for col in ("version", "status", "at comps", "RM held-out acc", "KL", "gate (RM) win",
+                "labeler win vs v0"):  # fmt: skip
+        table.add_column(col, justify="right" if col != "status" else "left")
+    rows = sorted(sim.versions.values(), key=lambda v: (v["seen_at_s"], v["id"]))
+    for v in rows:
+        status = v["status"] + (" *" if "current" in v.get("aliases", []) else "")
+        style = {"promoted": "green", "rejected": "red"}.get(v["status"], "")
+        table.add_row(
+            v["id"], Text(status, style=style), str(v["comparisons_at"]),
+            _fmt(v["rm_heldout_accuracy"]), _fmt(v["kl"]), _fmt(v["gate_win_rate"]),
+            _fmt(v["labeler_win_rate"]) + (f" (n={v['eval_n']})" if v["eval_n"] else ""),
+        )  # fmt: skip
+    goal = sim.cfg.target_win_rate
+    foot = Text(f"goal: labeler win rate >= {goal:.0%} vs v0   (* = current)" if goal else "")
+    return Group(head, table, foot)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .simulate import Simulation, write_report
+
+    cfg = dataclass_from_args(SimulateConfig, args)
+    try:
+        sim = Simulation(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    console = Console(stderr=True)
+    try:
+        if cfg.live:
+            with Live(_view(sim), console=console, refresh_per_second=2) as live:
+                report = asyncio.run(sim.run(show=lambda: live.update(_view(sim))))
+        else:
+            last = {"n": -1}
+
+            def show() -> None:
+                if sim.stats.comparisons // 100 != last["n"]:
+                    last["n"] = sim.stats.comparisons // 100
+                    console.print(_view(sim))
+
+            report = asyncio.run(sim.run(show=show))
+    except KeyboardInterrupt:
+        report = sim.report()
+        console.print("interrupted: writing the report of what ran")
+    except Exception as e:  # noqa: BLE001 - one line for a person, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    console.print(_view(sim))
+    path, plot = write_report(report, cfg.out)
+    reached = report["reached_target"]
+    if reached:
+        console.print(
+            f"[green]reached {reached['win_rate']:.1%} labeler win rate vs v0 with "
+            f"{reached['version']} after {reached['comparisons']} comparisons, "
+            f"{reached['seconds']:.0f}s[/green]"
+        )
+    elif cfg.target_win_rate:
+        best = report["best"]
+        console.print(
+            f"[yellow]target {cfg.target_win_rate:.0%} not reached; best: "
+            f"{best['id'] + ' ' + format(best['labeler_win_rate'], '.1%') if best else 'none'}"
+            "[/yellow]"
+        )
+    console.print(f"report: {path}" + (f", plot: {plot}" if plot else " (no matplotlib: no plot)"))
+    return 0 if reached or not cfg.target_win_rate else 3
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="run the whole loop locally: embedded Redis, server, learner",
+        description="Start the embedded Redis, the server on the default tiny model and the "
+        "learner as child processes, and print where to connect. Ctrl-C (or SIGTERM) stops "
+        "the learner, then the server, then Redis. A second `up` on the same --data-dir "
+        "resumes: versions, the dataset and the queues survive.",
+    )
+    add_dataclass_arguments(p, UpConfig)
+    p.set_defaults(func=_up)
+
+    p = subparsers.add_parser(
+        "simulate",
+        help="simulated users drive a running loop; measures win rate vs v0",
+        description="A population of simulated users sends prompts of a task set, ranks the "
+        "K samples with a labeler (--labeler module:function, a callable (prompt, samples) "
+        "-> ranking), sometimes writes a demonstration; held-out users only evaluate. Shows "
+        "live progress and writes report.json and report.png to --out. Exit code 0 when "
+        "--target-win-rate was reached, 3 when it was not.",
+    )
+    add_dataclass_arguments(p, SimulateConfig)
+    p.set_defaults(func=_simulate)

@@ -1,0 +1,113 @@
+"""Labelers: the simulated users' preference, as a plain Python callable.
+
+The interface (public; `instructloop simulate --labeler module:function` loads any callable
+that follows it, from any importable module):
+
+    def my_labeler(prompt: str, samples: Sequence[str]) -> list[int | tuple[int, ...]]:
+        '''Rank the samples, best first: each item is a sample index, or a tuple of the
+        indices of samples the labeler finds equally good (a tie). Every index appears
+        exactly once.'''
+
+    # optional: what this user writes when asked for the ideal answer (a demonstration);
+    # return None to write none. Without the attribute, users write no demonstrations.
+    my_labeler.demonstrate = lambda prompt: ...
+
+`prompt` is the prompt text exactly as sent (the default tasks end with a newline);
+`samples` are the K answers the server generated. The simulator sends the ranking as
+a `ranking` feedback (ties give the reward model no pair), and it measures win rates with
+the same callable on two samples: `[0]` or `[1]` is a win for that sample, `[(0, 1)]` a tie.
+
+Shipped labelers:
+- `correct_concise` (the default): exact answers first, then answers closer to the
+  correct one (difflib similarity, which also penalises extra text); demonstrates the
+  correct answer.
+- `shouting`: prefers answers with a larger share of capital letters, whatever they say
+  (a trait unrelated to correctness); demonstrates the correct answer in capitals.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Sequence
+
+from .tasks import answer
+
+RankItem = int | tuple[int, ...]
+Labeler = Callable[[str, Sequence[str]], list[RankItem]]
+
+
+def rank_by_score(scores: Sequence) -> list[RankItem]:
+    """Indices ranked by score, highest first; equal scores form one tied item."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    ranking: list[RankItem] = []
+    tier: list[int] = []
+    for i in order:
+        if tier and scores[i] != scores[tier[0]]:
+            ranking.append(tier[0] if len(tier) == 1 else tuple(tier))
+            tier = []
+        tier.append(i)
+    if tier:
+        ranking.append(tier[0] if len(tier) == 1 else tuple(tier))
+    return ranking
+
+
+def correct_concise(prompt: str, samples: Sequence[str]) -> list[RankItem]:
+    """Correct answers first, then the ones closest to the correct answer, concise ones
+    ahead of wordy ones (similarity 2*matches / (len(answer) + len(sample)))."""
+    target = answer(prompt) or ""
+
+    def score(text: str) -> tuple[bool, float]:
+        text = text.strip()
+        return text == target, round(difflib.SequenceMatcher(None, text, target).ratio(), 3)
+
+    return rank_by_score([score(s) for s in samples])
+
+
+correct_concise.demonstrate = answer  # type: ignore[attr-defined]
+
+
+def shouting(prompt: str, samples: Sequence[str]) -> list[RankItem]:
+    """More capital letters (as a share of all letters) is better; content is ignored."""
+
+    def score(text: str) -> float:
+        letters = [c for c in text if c.isalpha()]
+        return round(sum(c.isupper() for c in letters) / len(letters), 3) if letters else 0.0
+
+    return rank_by_score([score(s) for s in samples])
+
+
+def _shout(prompt: str) -> str | None:
+    text = answer(prompt)
+    return text.upper() if text is not None else None
+
+
+shouting.demonstrate = _shout  # type: ignore[attr-defined]
+
+
+def load_labeler(spec: str) -> Labeler:
+    """The callable named by 'module:function' (e.g. 'instructloop.loop.labelers:shouting')."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--labeler must be 'module:function', got {spec!r}")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not a callable")
+    return fn
+
+
+def check_ranking(ranking: Sequence[RankItem], k: int) -> list[tuple[int, ...]]:
+    """The ranking as tiers of indices; ValueError unless it covers 0..k-1 exactly once."""
+    tiers = [tuple(item) if isinstance(item, tuple | list) else (int(item),) for item in ranking]
+    seen = sorted(i for tier in tiers for i in tier)
+    if seen != list(range(k)):
+        raise ValueError(f"a ranking must name each of the {k} samples once, got {ranking!r}")
+    return tiers
+
+
+def compare(labeler: Labeler, prompt: str, a: str, b: str) -> float:
+    """1 if the labeler prefers a to b, 0 if b, 0.5 for a tie (InstructGPT's win rate)."""
+    tiers = check_ranking(labeler(prompt, [a, b]), 2)
+    if len(tiers) == 1:
+        return 0.5
+    return 1.0 if tiers[0] == (0,) else 0.0

@@ -1,0 +1,221 @@
+"""`instructloop up`: the whole loop on one machine, as child processes.
+
+    embedded Redis (DATA_DIR/redis, AOF)  <- shared by both
+    instructloop serve  (DATA_DIR: default tiny model, store, admin token)
+    instructloop learn  (DATA_DIR/learner: dataset, round state; DATA_DIR/store)
+
+Start order: Redis, the server (until it answers health checks: it registers v0), then
+the learner (a round needs `current`). Stop order on Ctrl-C or SIGTERM: the learner first
+(it finishes or abandons its round consistently), then the server (in-flight calls
+finish), then Redis (it flushes its AOF). The children run in their own sessions, so the
+terminal's Ctrl-C reaches only this process and the order holds; they also get SIGTERM
+if this process dies. Everything lives under DATA_DIR, so a second `up` on the same
+directory resumes: versions, the learner's dataset and the Redis streams survive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instructloop.redis_embedded import EmbeddedRedis
+
+# Learner settings for the default tiny model (2 layers, 128 wide) on a few CPU cores:
+# short answers, a high learning rate for a model that starts from random weights, rounds
+# every ~100 comparisons. `--learn-args` overrides any of them (the last one wins).
+TINY_LEARNER_ARGS = (
+    "--heldout-fraction 0.2 --torch-threads 1 "
+    "--min-comparisons 100 --max-wait-s 120 "
+    "--gate-prompts 32 --gate-samples-per-prompt 2 "
+    "--sft-min-demonstrations 16 --sft-max-steps 150 --sft-batch-size 16 "
+    "--sft-learning-rate 1e-3 --sft-max-length 64 "
+    "--rm-learning-rate 5e-4 --rm-batch-prompts 8 --rm-max-length 64 "
+    "--ppo-iterations 12 --ppo-rollout-prompts 16 --ppo-minibatch-size 16 --ppo-ppo-epochs 2 "
+    "--ppo-max-new-tokens 16 --ppo-max-prompt-length 32 --ppo-learning-rate 2e-5 "
+    "--ppo-ptx-coef 1.0"
+)
+STOP_TIMEOUT_S = {"learner": 180.0, "server": 60.0}
+
+
+def _default_data_dir() -> str:
+    return os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")
+
+
+@dataclass
+class UpConfig:
+    """The local loop: one Redis, one server, one learner, all state under --data-dir."""
+
+    data_dir: str = field(
+        default_factory=_default_data_dir,
+        metadata={"help": "All state: Redis, model, store, learner dataset, logs, admin token."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address the server listens on."})
+    port: int = field(default=50051, metadata={"help": "gRPC port of the server."})
+    metrics_port: int = field(default=9464, metadata={"help": "Prometheus port of the server."})
+    enable_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA mode: the learner publishes adapters, the server serves them over "
+            "v0's weights (pinning, canary). Default: full-weight versions."
+        },
+    )
+    serve_args: str = field(
+        default="", metadata={"help": "Extra `instructloop serve` options, e.g. '--model DIR'."}
+    )
+    learn_args: str = field(
+        default="",
+        metadata={"help": "Extra `instructloop learn` options; they override the tiny defaults."},
+    )
+    start_timeout_s: float = field(
+        default=600.0, metadata={"help": "How long the server may take to start serving."}
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "instructloop.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # the terminal's Ctrl-C is ours to forward, in order
+            preexec_fn=_die_with_parent,
+        )
+
+
+def _wait_serving(target: str, proc: subprocess.Popen, timeout: float, stop: threading.Event):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and not stop.is_set():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            stop.wait(0.5)
+    if not stop.is_set():
+        raise TimeoutError(f"the server did not serve within {timeout:.0f}s")
+
+
+def _stop(name: str, proc: subprocess.Popen | None) -> int | None:
+    """SIGTERM, wait, then SIGKILL if it will not stop. Returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        print(f"up: stopping the {name} (pid {proc.pid}) ...", file=sys.stderr, flush=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S[name])
+        except subprocess.TimeoutExpired:
+            print(f"up: the {name} did not stop in time; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def run(cfg: UpConfig) -> int:
+    data = Path(cfg.data_dir).resolve()
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    target = f"{cfg.host}:{cfg.port}"
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stop.is_set():
+            print(f"\nup: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    redis = server = learner = None
+    code = 0
+    try:
+        redis = EmbeddedRedis(data / "redis").start()
+        print(f"up: redis {redis.url}", file=sys.stderr, flush=True)
+        server = _spawn(
+            [
+                "serve", "--data-dir", str(data), "--redis-url", redis.url,
+                "--host", cfg.host, "--port", str(cfg.port),
+                "--metrics-port", str(cfg.metrics_port), "--log-format", "text",
+                *(["--enable-lora"] if cfg.enable_lora else []),
+                *shlex.split(cfg.serve_args),
+            ],
+            logs / "server.log",
+        )  # fmt: skip
+        print(f"up: starting the server (log {logs / 'server.log'}) ...", file=sys.stderr)
+        _wait_serving(target, server, cfg.start_timeout_s, stop)
+        if not stop.is_set():
+            learner = _spawn(
+                [
+                    "learn", "--redis-url", redis.url, "--model-store", str(data / "store"),
+                    "--data-dir", str(data / "learner"), "--consumer", "up",
+                    "--kind", "lora" if cfg.enable_lora else "full",
+                    *shlex.split(TINY_LEARNER_ARGS), *shlex.split(cfg.learn_args),
+                ],
+                logs / "learner.log",
+            )  # fmt: skip
+            metrics = f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "-"
+            print(
+                "instructloop is up\n"
+                f"  gRPC target   {target}    (INSTRUCTLOOP_TARGET={target})\n"
+                f"  metrics       {metrics}\n"
+                f"  admin token   {data / 'admin-token'}\n"
+                f"  data dir      {data}\n"
+                f"  logs          {logs / 'server.log'}, {logs / 'learner.log'}\n"
+                f"  try           instructloop simulate --target {target} --data-dir {data}\n"
+                "Ctrl-C stops the learner, the server and Redis.",
+                flush=True,
+            )
+        while not stop.is_set():
+            for name, proc in (("server", server), ("learner", learner)):
+                if proc is not None and proc.poll() is not None:
+                    print(
+                        f"up: the {name} exited with {proc.returncode} (see {logs}/{name}.log);"
+                        " stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    code = 1
+                    stop.set()
+            stop.wait(0.5)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"up: error: {e} (see {logs})", file=sys.stderr)
+        code = 1
+    finally:
+        # Later signals must not interrupt the ordered stop.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        for name, proc in (("learner", learner), ("server", server)):
+            rc = _stop(name, proc)
+            if rc not in (None, 0, -signal.SIGTERM) and code == 0:
+                print(f"up: the {name} stopped with exit code {rc}", file=sys.stderr)
+                code = 1
+        if redis is not None:
+            redis.stop()
+        print("up: stopped", file=sys.stderr, flush=True)
+    return code
