@@ -38,10 +38,10 @@ class UsageError(Exception):
 # --- argument parsing -------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the generate, feedback and model subcommands to the `instructloop` parser."""
+def connection_options(title: str, timeout: float) -> tuple[argparse.ArgumentParser, Any]:
+    """A parent parser with --target, --timeout and --json, and its option group."""
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("connection and output")
+    group = common.add_argument_group(title)
     group.add_argument(
         "--target",
         metavar="HOST:PORT",
@@ -52,10 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--timeout",
         metavar="SECONDS",
         type=float,
-        default=60.0,
-        help="deadline of the call, retries included; 0 waits forever (default: 60)",
+        default=timeout,
+        help=f"deadline of the call, retries included; 0 waits forever (default: {timeout:g})",
     )
     group.add_argument("--json", action="store_true", help="print the server's response as JSON")
+    return common, group
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the generate, feedback and model subcommands to the `instructloop` parser."""
+    common, _ = connection_options("connection and output", timeout=60.0)
     user = argparse.ArgumentParser(add_help=False)
     user.add_argument(
         "--user",

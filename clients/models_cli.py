@@ -23,26 +23,12 @@ from rich.table import Table
 from instructloop.v1 import admin_pb2
 
 from .admin import AdminClient, default_token
-from .cli import _command, _print_json
+from .cli import _command, _print_json, connection_options
 from .sdk import default_target
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("connection and credential")
-    group.add_argument(
-        "--target",
-        metavar="HOST:PORT",
-        default=None,
-        help="server address (default: $INSTRUCTLOOP_TARGET, else localhost:50051)",
-    )
-    group.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=float,
-        default=30.0,
-        help="deadline of the call (default: 30)",
-    )
+    common, group = connection_options("connection and credential", timeout=30.0)
     group.add_argument(
         "--admin-token",
         metavar="TOKEN",
@@ -62,7 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="your name in the audit log (default: your login name)",
     )
-    group.add_argument("--json", action="store_true", help="print the server's response as JSON")
     reason = argparse.ArgumentParser(add_help=False)
     reason.add_argument("--reason", default="", help="why, for the audit log")  # fmt: skip
 

@@ -307,34 +307,36 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                 self.metrics.prompts_logged.labels("error").inc()
         return response
 
-    @_rpc
-    async def Generate(self, request, context):
+    async def _generate(
+        self, request: api_pb2.GenerateRequest, stream: bool
+    ) -> AsyncIterator[api_pb2.SampleDelta | api_pb2.GenerateResponse]:
+        """One Generate call: its deltas when streaming, then the response (logged)."""
         started = time.perf_counter()
         job = self._admit(request)
         prompt_id = _new_id("p")
         async with self._parts(request, job.spec.n) as parts:
             acc = _Accumulator(self._versions(parts, job.spec.n))
-            async for _ in self._run(job, prompt_id, acc, parts, stream=False):
-                pass
+            async for delta in self._run(job, prompt_id, acc, parts, stream):
+                yield delta
         response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         self._log_generate(response, job, started)
+        yield response
+
+    @_rpc
+    async def Generate(self, request, context):
+        *_, response = [item async for item in self._generate(request, stream=False)]
         return response
 
     @_rpc
     async def GenerateStream(self, request, context):
-        started = time.perf_counter()
-        job = self._admit(request)
-        prompt_id = _new_id("p")
-        async with self._parts(request, job.spec.n) as parts:
-            acc = _Accumulator(self._versions(parts, job.spec.n))
-            async for delta in self._run(job, prompt_id, acc, parts, stream=True):
-                yield api_pb2.GenerateStreamResponse(delta=delta)
-        response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
-        for s in response.samples:
-            s.text = ""  # the deltas carried it
-            s.ClearField("logprobs")
-        self._log_generate(response, job, started)
-        yield api_pb2.GenerateStreamResponse(final=response)
+        async for item in self._generate(request, stream=True):
+            if isinstance(item, api_pb2.SampleDelta):
+                yield api_pb2.GenerateStreamResponse(delta=item)
+                continue
+            for s in item.samples:
+                s.text = ""  # the deltas carried it
+                s.ClearField("logprobs")
+            yield api_pb2.GenerateStreamResponse(final=item)
 
     def _log_generate(self, response, job, started: float) -> None:
         elapsed = time.perf_counter() - started
