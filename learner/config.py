@@ -8,7 +8,14 @@ re-export their own config (reward.RewardConfig, ppo.PPOConfig, sft.SFTStepConfi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _data_root() -> Path:
+    """The deployment's local data directory, shared with `instructloop serve`."""
+    return Path(os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data"))
 
 
 @dataclass
@@ -16,17 +23,21 @@ class LearnerConfig:
     """The learner process: where its inputs and outputs live."""
 
     redis_url: str = field(
-        default="redis://127.0.0.1:6379/0",
-        metadata={"help": "Redis holding the streams and the registry (the server's)."},
+        default="",
+        metadata={
+            "help": "Redis holding the streams and the registry (the server's). Empty: the "
+            "server's embedded Redis, unix://$INSTRUCTLOOP_DATA_DIR/redis/redis.sock."
+        },
     )
     redis_prefix: str = field(
         default="instructloop", metadata={"help": "Key prefix of the deployment in Redis."}
     )
     model_store: str = field(
-        default="models", metadata={"help": "Model store directory (shared with the server)."}
+        default_factory=lambda: str(_data_root() / "store"),
+        metadata={"help": "Model store directory (shared with the server)."},
     )
     data_dir: str = field(
-        default="learner-data",
+        default_factory=lambda: str(_data_root() / "learner"),
         metadata={"help": "The learner's own directory: dataset, round state, RMs, SFT."},
     )
     heldout_fraction: float = field(
@@ -43,6 +54,13 @@ class LearnerConfig:
     torch_threads: int = field(
         default=0, metadata={"help": "torch intra-op threads (0 = torch's default)."}
     )
+
+    @property
+    def resolved_redis_url(self) -> str:
+        """--redis-url, or the embedded Redis that `instructloop serve` starts by default."""
+        if self.redis_url:
+            return self.redis_url
+        return f"unix://{(_data_root() / 'redis' / 'redis.sock').resolve()}"
 
 
 @dataclass

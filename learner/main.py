@@ -85,9 +85,9 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
             split_salt=cfg.split_salt,
         )
     )
-    client = redis.Redis.from_url(cfg.redis_url)
+    client = redis.Redis.from_url(cfg.resolved_redis_url)
     loop = asyncio.new_event_loop()
-    aclient = aioredis.Redis.from_url(cfg.redis_url)
+    aclient = aioredis.Redis.from_url(cfg.resolved_redis_url)
     store = ModelStore(cfg.model_store)
     learner = Learner(
         data_dir, dataset, store, Registry(aclient, keys), loop,
@@ -96,7 +96,7 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(
         "learner %s: redis %s prefix %r, store %s, data %s; state: round %d",
-        cfgs.consumer.consumer, cfg.redis_url, cfg.redis_prefix, cfg.model_store,
+        cfgs.consumer.consumer, cfg.resolved_redis_url, cfg.redis_prefix, cfg.model_store,
         data_dir, learner.state.round,
     )  # fmt: skip
     published = 0
