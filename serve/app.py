@@ -87,18 +87,28 @@ def admin_token(cfg: ServerConfig) -> str:
 
 
 async def _watch_health(
-    health_servicer: health.aio.HealthServicer, engine: VllmEngine, store: LogStore
+    health_servicer: health.aio.HealthServicer,
+    engine: VllmEngine,
+    store: LogStore,
+    metrics: Metrics,
 ) -> None:
-    """Report NOT_SERVING while the engine or Redis is down."""
+    """SERVING while the engine answers. Redis being down degrades the service (prompts
+    are not logged, feedback is UNAVAILABLE) but does not take the replica out of a load
+    balancer; it shows in instructloop_redis_up and the logs."""
     last = None
     while True:
         try:
             await engine.check_health()
-            await store.ping()
             status = health_pb2.HealthCheckResponse.SERVING
-        except (EngineError, Unavailable) as e:
+        except EngineError as e:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
-            log.warning("unhealthy", extra={"error": str(e)})
+            log.error("engine unhealthy", extra={"error": str(e)})
+        try:
+            await store.ping()
+            metrics.redis_up.set(1)
+        except Unavailable as e:
+            metrics.redis_up.set(0)
+            log.warning("redis unreachable", extra={"error": str(e)})
         if status != last:
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
@@ -156,7 +166,7 @@ async def serve(cfg: ServerConfig) -> None:
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
-    watcher = asyncio.create_task(_watch_health(health_servicer, engine, store))
+    watcher = asyncio.create_task(_watch_health(health_servicer, engine, store, metrics))
     log.info(
         "serving",
         extra={

@@ -47,6 +47,9 @@ class Metrics:
             "instructloop_served_version", "1 for the version this replica serves.", ["version"],
             registry=r,
         )  # fmt: skip
+        self.redis_up = Gauge(
+            "instructloop_redis_up", "1 while Redis answers (prompt logging, feedback).", registry=r
+        )
         self.engine_unfinished = Gauge(
             "instructloop_engine_unfinished_requests", "Requests inside the engine.", registry=r
         )

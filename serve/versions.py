@@ -157,18 +157,26 @@ class VersionFollower:
     async def _serve(self, version: str) -> None:
         started = time.perf_counter()
         info = await self.registry.get(version)
+        if version == self.engine.weights_version:
+            # Back to the full weights already loaded (e.g. from one of their adapters).
+            await self.engine.set_current(version)
+            self._served(version, info.kind, started)
+            return
         path = await self._checked_dir(info)
         if info.kind == "lora":
             await self._load_adapter(info, path)
             await self.engine.set_current(version)
         else:
             await self.engine.swap_full(path, version)
+        self._served(version, info.kind, started)
+
+    def _served(self, version: str, kind: str, started: float) -> None:
         elapsed = time.perf_counter() - started
         self.metrics.swaps.labels(self.mode, "ok").inc()
-        self.metrics.swap_seconds.labels(info.kind).observe(elapsed)
+        self.metrics.swap_seconds.labels(kind).observe(elapsed)
         self.metrics.set_version(version)
         self.last_swap_error = ""
-        log.info("now serving", extra={"version": version, "kind": info.kind, "seconds": elapsed})
+        log.info("now serving", extra={"version": version, "kind": kind, "seconds": elapsed})
 
     async def _load_adapter(self, info: admin_pb2.VersionInfo, path: str) -> None:
         if not self.engine.supports_adapters:
