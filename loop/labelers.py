@@ -19,8 +19,8 @@ the same callable on two samples: `[0]` or `[1]` is a win for that sample, `[(0,
 
 Shipped labelers:
 - `correct_concise` (the default): exact answers first, then answers closer to the
-  correct one (difflib similarity, which also penalises extra text); demonstrates the
-  correct answer.
+  correct one (difflib similarity, which also penalises extra text), then shorter ones;
+  demonstrates the correct answer.
 - `shouting`: prefers answers with a larger share of capital letters, whatever they say
   (a trait unrelated to correctness); demonstrates the correct answer in capitals.
 """
@@ -53,13 +53,15 @@ def rank_by_score(scores: Sequence) -> list[RankItem]:
 
 
 def correct_concise(prompt: str, samples: Sequence[str]) -> list[RankItem]:
-    """Correct answers first, then the ones closest to the correct answer, concise ones
-    ahead of wordy ones (similarity 2*matches / (len(answer) + len(sample)))."""
+    """Correct answers first; then answers closer to the correct one (difflib similarity
+    2*matches / (len(answer) + len(sample)), in steps of 0.1); among equally close ones,
+    the shorter; an empty answer is last."""
     target = answer(prompt) or ""
 
-    def score(text: str) -> tuple[bool, float]:
+    def score(text: str) -> tuple[bool, bool, float, int]:
         text = text.strip()
-        return text == target, round(difflib.SequenceMatcher(None, text, target).ratio(), 3)
+        similarity = round(difflib.SequenceMatcher(None, text, target).ratio(), 1)
+        return text == target, bool(text), similarity, -len(text)
 
     return rank_by_score([score(s) for s in samples])
 

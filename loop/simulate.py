@@ -28,6 +28,8 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ from instructloop.learner.dataset import user_split  # pure: the split contract,
 from . import report as report_io
 from .labelers import check_ranking, compare, load_labeler
 from .tasks import make_prompt
+
+UNREACHABLE_S = 60.0  # the server answered nothing for this long: stop and report
 
 
 def _default_data_dir() -> str:
@@ -77,11 +81,14 @@ class SimulateConfig:
     split_salt: str = field(
         default="instructloop-split-v1", metadata={"help": "The learner's --split-salt."}
     )
-    k: int = field(default=4, metadata={"help": "Samples per prompt that a user ranks (K)."})
+    k: int = field(
+        default=8,
+        metadata={"help": "Samples per prompt that a user ranks (K): C(K,2) pairs for the RM."},
+    )
     max_tokens: int = field(default=16, metadata={"help": "Tokens per sample."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     demo_prob: float = field(
-        default=0.5, metadata={"help": "Chance that a user also writes a demonstration."}
+        default=0.8, metadata={"help": "Chance that a user also writes a demonstration."}
     )
     rate: float = field(
         default=3.0, metadata={"help": "Comparisons per second, all users together (0: no cap)."}
@@ -266,6 +273,7 @@ class Simulation:
 
     async def monitor(self, client: AsyncClient, admin: AdminClient, show) -> None:
         cfg = self.cfg
+        last_ok = self.elapsed()
         while not self.stop.is_set():
             try:
                 await asyncio.to_thread(self._refresh_versions, admin)
@@ -294,9 +302,13 @@ class Simulation:
                                 "seconds": row["seen_at_s"],
                             }  # fmt: skip
                             self.stop.set()
+                last_ok = self.elapsed()
             except grpc.RpcError as e:
                 self.stats.errors += 1
                 self.stats.last_error = f"{e.code().name}: {e.details()}"
+                if self.elapsed() - last_ok > UNREACHABLE_S:
+                    self.stats.last_error += f" (for {UNREACHABLE_S:.0f}s: giving up)"
+                    self.stop.set()
             show()
             if self.elapsed() > cfg.max_minutes * 60:
                 self.stop.set()
@@ -316,7 +328,12 @@ class Simulation:
                 self.current = model.version
                 self.served.append({"version": model.version, "t": 0.0, "comparisons": 0})
                 await self.record_v0(client)
+                await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
                 self.t0 = self.next_slot = time.monotonic()  # the clock starts with traffic
+                if threading.current_thread() is threading.main_thread():
+                    loop = asyncio.get_running_loop()
+                    for sig in (signal.SIGINT, signal.SIGTERM):  # stop, then report
+                        loop.add_signal_handler(sig, self.stop.set)
                 users = [
                     asyncio.create_task(self.user_loop(client)) for _ in range(cfg.concurrency)
                 ]

@@ -26,8 +26,8 @@ def make_prompt(rng: random.Random, tasks: tuple[str, ...] = TASKS) -> str:
     """One random prompt of the task set."""
     task = rng.choice(tasks)
     if task == "uppercase":
-        return f"uppercase: {' '.join(rng.sample(WORDS, rng.randint(2, 4)))}\n"
-    letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+        return f"uppercase: {' '.join(rng.sample(WORDS, rng.randint(1, 3)))}\n"
+    letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
     if task == "sort":
         return f"sort: {' '.join(letters)}\n"
     return f"reverse: {letters}\n"

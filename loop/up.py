@@ -31,14 +31,16 @@ from instructloop.redis_embedded import EmbeddedRedis
 
 # Learner settings for the default tiny model (2 layers, 128 wide) on a few CPU cores:
 # short answers, a high learning rate for a model that starts from random weights, rounds
-# every ~100 comparisons. `--learn-args` overrides any of them (the last one wins).
+# every ~150 comparisons, and a gate that promotes a candidate the round's RM prefers to
+# the serving version (win rate > 0.5: a young RM is noisy, 0.55 rejected most SFT gains).
+# `--learn-args` overrides any of them (the last one wins).
 TINY_LEARNER_ARGS = (
     "--heldout-fraction 0.2 --torch-threads 1 "
-    "--min-comparisons 100 --max-wait-s 120 "
-    "--gate-prompts 32 --gate-samples-per-prompt 2 "
+    "--min-comparisons 150 --max-wait-s 120 "
+    "--gate-prompts 32 --gate-samples-per-prompt 2 --win-rate-threshold 0.5 "
     "--sft-min-demonstrations 16 --sft-max-steps 150 --sft-batch-size 16 "
     "--sft-learning-rate 1e-3 --sft-max-length 64 "
-    "--rm-learning-rate 5e-4 --rm-batch-prompts 8 --rm-max-length 64 "
+    "--rm-learning-rate 1e-3 --rm-batch-prompts 4 --rm-max-length 64 "
     "--ppo-iterations 12 --ppo-rollout-prompts 16 --ppo-minibatch-size 16 --ppo-ppo-epochs 2 "
     "--ppo-max-new-tokens 16 --ppo-max-prompt-length 32 --ppo-learning-rate 2e-5 "
     "--ppo-ptx-coef 1.0"
