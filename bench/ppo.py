@@ -6,12 +6,14 @@ XADDed as the server logs them, the base model is registered as v0, and the lear
 consumes, runs SFT -> RM -> PPO -> gate and publishes v1. The numbers come from the
 published version's metrics:
 
-  - PPO episodes/s (episodes / PPO time) and PPO time split into rollout (HF generate +
-    policy and reference log-probs), scoring (RM + value model + GAE) and update;
+  - PPO episodes/s (episodes / PPO time) and PPO time split into rollout (HF generate, or
+    with --rollout-engine vllm a colocated vLLM engine and its weight syncs, + policy and
+    reference log-probs), scoring (RM + value model + GAE) and update;
   - the round's wall time split into phases (resolve, sft, reward model, ppo, gate,
     publish), publish being the rest of the wall time.
 
     python bench/ppo.py [--out bench/results/ppo.json] [--model DIR] [--kind lora]
+                        [--rollout-engine vllm]
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=128, help="ranked prompts logged")
     p.add_argument("--k", type=int, default=4, help="answers ranked per prompt")
     p.add_argument("--demonstrations", type=int, default=32, help="demonstrations logged")
+    p.add_argument(
+        "--rollout-engine", choices=("hf", "vllm"), default="hf", help="what samples rollouts"
+    )
     p.add_argument("--iterations", type=int, default=16, help="PPO iterations")
     p.add_argument("--rollout-prompts", type=int, default=16, help="episodes per iteration")
     p.add_argument("--minibatch-size", type=int, default=8, help="episodes per PPO step")
@@ -123,6 +128,7 @@ def main() -> None:
                     iterations=args.iterations, rollout_prompts=args.rollout_prompts,
                     minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
                     max_new_tokens=args.max_new_tokens, log_every=4,
+                    rollout_engine=args.rollout_engine,
                 ),
             )  # fmt: skip
             t0 = time.perf_counter()
@@ -162,7 +168,10 @@ def main() -> None:
     }
 
     pp = result["ppo"]
-    print(f"\nPPO on {params / 1e6:.2f}M params, {args.kind}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"\nPPO on {params / 1e6:.2f}M params, {args.kind}, rollouts by {args.rollout_engine}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     print(f"{'part':<18} {'seconds':>8} {'share':>6}")
     for part in ("rollout", "scoring", "update"):
         print(f"{part:<18} {pp[part + '_s']:>8.2f} {pp[part + '_s'] / ppo_s:>6.0%}")

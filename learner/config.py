@@ -157,6 +157,13 @@ class PPOConfig:
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    rollout_engine: str = field(
+        default="hf",
+        metadata={
+            "help": "'hf' (transformers generate) or 'vllm' (a colocated vLLM engine; weights "
+            "synced from the trainer after every update)."
+        },
+    )
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     minibatch_size: int = field(default=8, metadata={"help": "Episodes per gradient step."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Policy AdamW learning rate."})

@@ -3,8 +3,10 @@
 Readable top to bottom, like cleanrl's ppo.py. One iteration:
 
   1. rollout   fresh samples for a batch of logged prompts from the current policy
-               (HF generate), with the log-probs of the policy and the reference (SFT)
-               policy, and the value model's estimate at every response token;
+               (HF generate, or a colocated vLLM engine holding the trainer's current
+               weights: rollout_vllm.py), with the log-probs of the policy and the
+               reference (SFT) policy, both from the trainer's models, and the value
+               model's estimate at every response token;
   2. reward    r_t = -beta * (log pi(a_t) - log pi_ref(a_t)) at every token, plus the RM
                score of (prompt, response) at the last token;
   3. GAE       advantages with gamma = 1 and lambda configurable, whitened;
@@ -101,8 +103,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig) -> Rollout:
-    """Sample one response per prompt from the policy, with policy and reference log-probs."""
+def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engine=None) -> Rollout:
+    """Sample one response per prompt from the policy, with policy and reference log-probs.
+
+    engine: a rollout_vllm.VllmRollouts holding the policy's weights samples the tokens
+    instead of HF generate; the log-probs come from `policy` either way.
+    """
     enc = tokenizer(
         list(prompts),
         padding=True,
@@ -111,16 +117,19 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig) -> R
         return_tensors="pt",
     )
     P = enc["input_ids"].shape[1]
-    seq = policy.generate(
-        **enc,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # [B, P+R]
+    if engine is not None:
+        seq = engine.sample(enc["input_ids"], enc["attention_mask"])  # [B, P+R]
+    else:
+        seq = policy.generate(
+            **enc,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # [B, P+R]
     response = seq[:, P:]  # [B, R]
     is_eos = (response == tokenizer.eos_token_id).long()
     mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()  # up to and including the first EOS
@@ -177,6 +186,8 @@ def train_ppo(
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
+    if cfg.rollout_engine not in ("hf", "vllm"):
+        raise ValueError(f"rollout_engine must be 'hf' or 'vllm', not {cfg.rollout_engine!r}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
@@ -214,125 +225,139 @@ def train_ppo(
 
     history = []
     timing = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0}
-    episodes, t_start = 0, time.perf_counter()
-    for it in range(1, cfg.iterations + 1):
-        if stop is not None and stop.is_set():
-            raise PPOStopped(f"PPO stopped before iteration {it}/{cfg.iterations}")
-        # ------------------------------------------------------------ 1. rollout
+    engine = None
+    if cfg.rollout_engine == "vllm":  # a colocated engine, fed the weights after every update
+        from instructloop.learner.rollout_vllm import VllmRollouts
+
         t0 = time.perf_counter()
-        batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]
-        ro = rollout(policy, ref, tokenizer, batch_prompts, cfg)
-        P, mask = ro.prompt_len, ro.mask  # mask: [B, R]
-        t1 = time.perf_counter()
+        engine = VllmRollouts(policy, tokenizer, cfg)
+        timing["engine_start_s"] = time.perf_counter() - t0
+    episodes, t_start = 0, time.perf_counter()
+    try:
+        for it in range(1, cfg.iterations + 1):
+            if stop is not None and stop.is_set():
+                raise PPOStopped(f"PPO stopped before iteration {it}/{cfg.iterations}")
+            # ------------------------------------------------------------ 1. rollout
+            t0 = time.perf_counter()
+            batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]
+            if engine is not None and it > 1:
+                engine.sync(policy)  # the engine samples from the weights updated last
+            ro = rollout(policy, ref, tokenizer, batch_prompts, cfg, engine)
+            P, mask = ro.prompt_len, ro.mask  # mask: [B, R]
+            t1 = time.perf_counter()
 
-        # ------------------------------------------------------------ 2. reward
-        with torch.no_grad():
-            scores = score_texts(
-                reward_model, reward_tokenizer, ro.prompts, ro.texts
-            )  # [B], bias applied
-            values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
-            kl = (ro.logp - ro.ref_logp) * mask  # [B, R] per-token KL estimate
-            rewards = -cfg.kl_beta * kl
-            last = mask.sum(-1).long() - 1  # [B] index of the last response token
-            rewards[torch.arange(len(last)), last] += scores
+            # ------------------------------------------------------------ 2. reward
+            with torch.no_grad():
+                scores = score_texts(
+                    reward_model, reward_tokenizer, ro.prompts, ro.texts
+                )  # [B], bias applied
+                values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
+                kl = (ro.logp - ro.ref_logp) * mask  # [B, R] per-token KL estimate
+                rewards = -cfg.kl_beta * kl
+                last = mask.sum(-1).long() - 1  # [B] index of the last response token
+                rewards[torch.arange(len(last)), last] += scores
 
-            # -------------------------------------------------------- 3. GAE
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = masked_whiten(advantages, mask)
-        t2 = time.perf_counter()
+                # -------------------------------------------------------- 3. GAE
+                advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+                advantages = masked_whiten(advantages, mask)
+            t2 = time.perf_counter()
 
-        # ------------------------------------------------------------ 4. update
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "entropy": [], "ptx_loss": []}
-        B = ro.seq.shape[0]
-        for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B).split(cfg.minibatch_size):
-                mb_mask = mask[idx]
-                logp, entropy = response_logprobs(
-                    policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
-                )
-                ratio = torch.exp(logp - ro.logp[idx])
-                adv = advantages[idx]
-                pg_loss = masked_mean(
-                    torch.max(
-                        -adv * ratio,
-                        -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range),
-                    ),
-                    mb_mask,
-                )
-                v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
-                v_new = v_new[:, P - 1 : -1]
-                v_old = values[idx]
-                v_clipped = v_old + (v_new - v_old).clamp(
-                    -cfg.value_clip_range, cfg.value_clip_range
-                )
-                vf_loss = 0.5 * masked_mean(
-                    torch.max((v_new - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2),
-                    mb_mask,
-                )
-                loss = pg_loss + cfg.vf_coef * vf_loss
-
-                # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step.
-                if cfg.ptx_coef > 0 and ptx_order:
-                    texts = [
-                        ptx_order[(ptx_cursor + j) % len(ptx_order)]
-                        for j in range(cfg.ptx_batch_size)
-                    ]
-                    ptx_cursor += cfg.ptx_batch_size
-                    enc = tokenizer(
-                        texts,
-                        padding=True,
-                        truncation=True,
-                        max_length=cfg.max_prompt_length,
-                        return_tensors="pt",
+            # ------------------------------------------------------------ 4. update
+            stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "entropy": [], "ptx_loss": []}
+            B = ro.seq.shape[0]
+            for _ in range(cfg.ppo_epochs):
+                for idx in torch.randperm(B).split(cfg.minibatch_size):
+                    mb_mask = mask[idx]
+                    logp, entropy = response_logprobs(
+                        policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
                     )
-                    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                    ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(ptx_loss.item())
+                    ratio = torch.exp(logp - ro.logp[idx])
+                    adv = advantages[idx]
+                    pg_loss = masked_mean(
+                        torch.max(
+                            -adv * ratio,
+                            -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range),
+                        ),
+                        mb_mask,
+                    )
+                    v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
+                    v_new = v_new[:, P - 1 : -1]
+                    v_old = values[idx]
+                    v_clipped = v_old + (v_new - v_old).clamp(
+                        -cfg.value_clip_range, cfg.value_clip_range
+                    )
+                    vf_loss = 0.5 * masked_mean(
+                        torch.max((v_new - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2),
+                        mb_mask,
+                    )
+                    loss = pg_loss + cfg.vf_coef * vf_loss
 
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
-                optim.step()
-                with torch.no_grad():
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    clipped = ((ratio - 1).abs() > cfg.clip_range).float()
-                    stats["clipfrac"].append(masked_mean(clipped, mb_mask).item())
-                    stats["entropy"].append(masked_mean(entropy, mb_mask).item())
-        t3 = time.perf_counter()
+                    # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step.
+                    if cfg.ptx_coef > 0 and ptx_order:
+                        texts = [
+                            ptx_order[(ptx_cursor + j) % len(ptx_order)]
+                            for j in range(cfg.ptx_batch_size)
+                        ]
+                        ptx_cursor += cfg.ptx_batch_size
+                        enc = tokenizer(
+                            texts,
+                            padding=True,
+                            truncation=True,
+                            max_length=cfg.max_prompt_length,
+                            return_tensors="pt",
+                        )
+                        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                        ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx_loss"].append(ptx_loss.item())
 
-        # ------------------------------------------------------------ logging
-        episodes += B
-        timing["rollout_s"] += t1 - t0
-        timing["scoring_s"] += t2 - t1
-        timing["update_s"] += t3 - t2
-        row = {
-            "iteration": it,
-            "score": scores.mean().item(),
-            "kl": kl.sum(-1).mean().item(),  # per sequence, summed over tokens
-            "reward": rewards.sum(-1).mean().item(),
-            "response_len": mask.sum(-1).mean().item(),
-            "episodes_per_s": episodes / (time.perf_counter() - t_start),
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
-        }
-        history.append(row)
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            log.info(
-                "ppo it %d/%d score %.3f kl %.3f reward %.3f entropy %.2f clipfrac %.3f "
-                "vf_loss %.4f  %.1f episodes/s",
-                it,
-                cfg.iterations,
-                row["score"],
-                row["kl"],
-                row["reward"],
-                row.get("entropy", float("nan")),
-                row.get("clipfrac", float("nan")),
-                row.get("vf_loss", float("nan")),
-                row["episodes_per_s"],
-            )
+                    optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+                    optim.step()
+                    with torch.no_grad():
+                        stats["pg_loss"].append(pg_loss.item())
+                        stats["vf_loss"].append(vf_loss.item())
+                        clipped = ((ratio - 1).abs() > cfg.clip_range).float()
+                        stats["clipfrac"].append(masked_mean(clipped, mb_mask).item())
+                        stats["entropy"].append(masked_mean(entropy, mb_mask).item())
+            t3 = time.perf_counter()
+
+            # ------------------------------------------------------------ logging
+            episodes += B
+            timing["rollout_s"] += t1 - t0
+            timing["scoring_s"] += t2 - t1
+            timing["update_s"] += t3 - t2
+            row = {
+                "iteration": it,
+                "score": scores.mean().item(),
+                "kl": kl.sum(-1).mean().item(),  # per sequence, summed over tokens
+                "reward": rewards.sum(-1).mean().item(),
+                "response_len": mask.sum(-1).mean().item(),
+                "episodes_per_s": episodes / (time.perf_counter() - t_start),
+                **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            }
+            history.append(row)
+            if it % cfg.log_every == 0 or it == cfg.iterations:
+                log.info(
+                    "ppo it %d/%d score %.3f kl %.3f reward %.3f entropy %.2f clipfrac %.3f "
+                    "vf_loss %.4f  %.1f episodes/s",
+                    it,
+                    cfg.iterations,
+                    row["score"],
+                    row["kl"],
+                    row["reward"],
+                    row.get("entropy", float("nan")),
+                    row.get("clipfrac", float("nan")),
+                    row.get("vf_loss", float("nan")),
+                    row["episodes_per_s"],
+                )
+    finally:
+        if engine is not None:
+            timing["weight_sync_s"] = engine.sync_s
+            engine.close()
 
     # ---- save: a full checkpoint, or only the adapter
     out = Path(out_dir)
@@ -346,6 +371,7 @@ def train_ppo(
         "seconds": time.perf_counter() - t_start,
         **timing,
         "kind": "lora" if cfg.lora else "full",
+        "rollout_engine": cfg.rollout_engine,
         "score_first": history[0]["score"],
         "score_last": sum(r["score"] for r in tail) / len(tail),
         "kl_last": sum(r["kl"] for r in tail) / len(tail),
