@@ -330,6 +330,8 @@ class Simulation:
                 await self.record_v0(client)
                 await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
                 self.t0 = self.next_slot = time.monotonic()  # the clock starts with traffic
+                for row in self.versions.values():
+                    row["seen_at_s"] = 0.0  # there before the run
                 if threading.current_thread() is threading.main_thread():
                     loop = asyncio.get_running_loop()
                     for sig in (signal.SIGINT, signal.SIGTERM):  # stop, then report

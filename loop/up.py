@@ -31,13 +31,16 @@ from instructloop.redis_embedded import EmbeddedRedis
 
 # Learner settings for the default tiny model (2 layers, 128 wide) on a few CPU cores:
 # short answers, a high learning rate for a model that starts from random weights, rounds
-# every ~150 comparisons, and a gate that promotes a candidate the round's RM prefers to
-# the serving version (win rate > 0.5: a young RM is noisy, 0.55 rejected most SFT gains).
+# every ~150 comparisons. The gate's win-rate threshold is low (0.25): the first rounds'
+# RM has only seen v0's random-init garbage and cannot judge the first SFT policy (measured:
+# RM win rates 0.30-0.50 for SFT candidates the labeler preferred to v0 74% of the time),
+# so here the gate rejects only candidates the RM clearly prefers the serving version to,
+# or that drift past the KL bound. The learner's own default (0.55) suits a real RM.
 # `--learn-args` overrides any of them (the last one wins).
 TINY_LEARNER_ARGS = (
     "--heldout-fraction 0.2 --torch-threads 1 "
     "--min-comparisons 150 --max-wait-s 120 "
-    "--gate-prompts 32 --gate-samples-per-prompt 2 --win-rate-threshold 0.5 "
+    "--gate-prompts 32 --gate-samples-per-prompt 2 --win-rate-threshold 0.25 "
     "--sft-min-demonstrations 16 --sft-max-steps 150 --sft-batch-size 16 "
     "--sft-learning-rate 1e-3 --sft-max-length 64 "
     "--rm-learning-rate 1e-3 --rm-batch-prompts 4 --rm-max-length 64 "

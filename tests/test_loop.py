@@ -27,7 +27,7 @@ from instructloop.redis_embedded import free_port
 UP_TIMEOUT_S = 420
 # Faster rounds than `up`'s defaults: a test has minutes, not twenty of them.
 LEARN_ARGS = (
-    "--min-comparisons 80 --max-wait-s 60 --sft-max-steps 80 --ppo-iterations 4 "
+    "--min-comparisons 100 --max-wait-s 60 --ppo-iterations 4 "
     "--gate-prompts 16 --gate-samples-per-prompt 1"
 )
 GREEDY_PROMPTS = ["reverse: abc\n", "sort: d b a\n", "uppercase: the day\n"]
