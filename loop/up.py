@@ -30,7 +30,8 @@ from pathlib import Path
 from instructloop.redis_embedded import EmbeddedRedis
 
 # Learner settings for the default tiny model (2 layers, 128 wide) on a few CPU cores:
-# short answers, a high learning rate for a model that starts from random weights, rounds
+# short answers, high learning rates (SFT, RM and PPO) for a model that starts from random
+# weights (with PPO at 2e-5 the comparisons alone did not move it: measured), rounds
 # every ~150 comparisons. The gate's win-rate threshold is low (0.25): the first rounds'
 # RM has only seen v0's random-init garbage and cannot judge the first SFT policy (measured:
 # RM win rates 0.30-0.50 for SFT candidates the labeler preferred to v0 74% of the time),
@@ -44,8 +45,8 @@ TINY_LEARNER_ARGS = (
     "--sft-min-demonstrations 16 --sft-max-steps 150 --sft-batch-size 16 "
     "--sft-learning-rate 1e-3 --sft-max-length 64 "
     "--rm-learning-rate 1e-3 --rm-batch-prompts 4 --rm-max-length 64 "
-    "--ppo-iterations 12 --ppo-rollout-prompts 16 --ppo-minibatch-size 16 --ppo-ppo-epochs 2 "
-    "--ppo-max-new-tokens 16 --ppo-max-prompt-length 32 --ppo-learning-rate 2e-5 "
+    "--ppo-iterations 24 --ppo-rollout-prompts 16 --ppo-minibatch-size 16 --ppo-ppo-epochs 2 "
+    "--ppo-max-new-tokens 16 --ppo-max-prompt-length 32 --ppo-learning-rate 1e-3 "
     "--ppo-ptx-coef 1.0"
 )
 STOP_TIMEOUT_S = {"learner": 180.0, "server": 60.0}
