@@ -101,8 +101,8 @@ def test_up_simulate_promotes_hot_swaps_beats_v0_rollback_restores_and_up_resume
 
             cfg = SimulateConfig(
                 target=target, data_dir=str(data), users=30, rate=0, concurrency=4,
-                max_comparisons=400, max_minutes=6, settle_s=150, eval_prompts=60,
-                target_win_rate=0.75, poll_s=1.0, out=str(tmp_path / "sim"), live=False,
+                max_comparisons=400, max_minutes=6, settle_s=90, eval_prompts=60,
+                target_win_rate=0.6, poll_s=1.0, out=str(tmp_path / "sim"), live=False,
             )  # fmt: skip
             report = asyncio.run(Simulation(cfg).run())
 
