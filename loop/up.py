@@ -15,8 +15,6 @@ directory resumes: versions, the learner's dataset and the Redis streams survive
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shlex
 import signal
@@ -27,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instructloop.process import die_with_parent
 from instructloop.redis_embedded import EmbeddedRedis
 
 # Learner settings for the default tiny model (2 layers, 128 wide) on a few CPU cores:
@@ -86,12 +85,6 @@ class UpConfig:
     )
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
@@ -102,7 +95,7 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # the terminal's Ctrl-C is ours to forward, in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from instructloop.process import die_with_parent
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
 SERVER_START_TIMEOUT_S = 300
@@ -96,7 +97,10 @@ def launch_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extr
         *extra,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # The server dies with the test process, even if pytest itself is killed.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+        )
     return ServerProcess(
         f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, log_path, prefix
     )
