@@ -34,6 +34,18 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests opt in: on 2 shared cores one intra-op thread is several times
+    faster than two under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     r = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port()).start()

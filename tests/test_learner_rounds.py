@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-import torch
 
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import synthetic
@@ -35,25 +34,14 @@ from instructloop.learner.main import Configs, run
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.registry import Registry
 from instructloop.store import ModelStore
-from instructloop.tinymodel import build_tiny_model
 from instructloop.v1 import admin_pb2
 
 HELDOUT = 0.25
 PERMISSIVE = dict(win_rate_threshold=-1.0, max_kl=1e9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one intra-op thread is several times faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("rounds-models") / "tiny")
+# 2 shared cores: one torch thread is several times faster than two under load.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,21 +22,9 @@ from instructloop.learner.reward import (
     token_values,
     train_reward_model,
 )
-from instructloop.tinymodel import build_tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one intra-op thread is several times faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("learner-models") / "tiny")
+# 2 shared cores: one torch thread is several times faster than two under load.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------- K-wise loss
