@@ -1,7 +1,7 @@
 """Serving benchmark: how much of the vLLM engine's throughput our gRPC server delivers.
 
 One run measures the same workload (fixed prompts, n=4 samples of up to 64 tokens,
-temperature 1.0, non-streaming) at several concurrency levels against, one after another:
+temperature 1.0, non-streaming) at several concurrency levels against:
 
   inproc      vLLM `AsyncLLM` in this process, final output only: the engine's limit.
   seam        our engine seam `instructloop.serve.engine.VllmEngine` in this process (the
@@ -10,17 +10,20 @@ temperature 1.0, non-streaming) at several concurrency levels against, one after
               redis-server, called through grpc.aio `Generate` (prompts logged to Redis).
   vllm-serve  vLLM's own OpenAI server as a subprocess, `/v1/completions` with aiohttp.
 
-Only one engine runs at a time. Each system gets a warmup, then every concurrency level is
-run `--repeats` times with a fixed number of requests; the tables show medians over the
-repeats. Tokens/s is generated tokens (counted from what each system actually returned:
-our server has no ignore_eos, so a sample may stop early at EOS) divided by the wall time
-of the level; latency is per request, send to complete response. p99 is nearest-rank, so
-with few requests it is the slowest one.
+All systems are started first and stay up; each gets a warmup, then every repeat runs
+every level on every system in turn (the order rotates between repeats), so the machine's
+noise falls on all of them alike and each repeat gives a paired ratio. An idle vLLM engine
+sleeps, so only the system being measured uses the CPU. The tables show medians over the
+repeats, and the ratios both as ratios of medians and as the median (min-max) of the
+per-repeat ratios. Tokens/s is generated tokens (counted from what each system actually
+returned: our server has no ignore_eos, so a sample may stop early at EOS) divided by the
+wall time of the level; latency is per request, send to complete response. p99 is
+nearest-rank, so with few requests it is the slowest one.
 
 Run (from the repo root, venv active):
 
     python -m bench.serve --quick          # smoke run: concurrency 1 and 8, 1 repeat
-    python -m bench.serve                  # full run: concurrency 1, 8, 32, 3 repeats
+    python -m bench.serve                  # full run: concurrency 1, 8, 32, 5 repeats
     python bench/serve.py --help
 
 The JSON result (default bench/results/serve.json) holds every run's raw numbers, the
@@ -48,6 +51,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 SYSTEMS = ("inproc", "seam", "grpc", "vllm-serve")
 PROMPTS = [
@@ -70,6 +74,17 @@ ENGINE_ENV = {
 Call = Callable[[str], Awaitable[int]]  # prompt -> generated tokens (all n samples)
 
 
+class System(NamedTuple):
+    call: Call
+    frontend_pid: int  # the process that runs the API front end: this one when in-process
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ---- command line ------------------------------------------------------------------------
 
 
@@ -89,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help="Comma-separated systems to measure, in this order.",
+        help="Comma-separated systems to measure (started in this order).",
     )
     p.add_argument(
         "--concurrency",
@@ -100,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests",
         type=int,
         default=0,
-        help="Requests per level and repeat. 0: max(16, 4 * concurrency).",
+        help="Requests per level and repeat. 0: max(16, 8 * concurrency).",
     )
-    p.add_argument("--repeats", type=int, default=3, help="Runs per level; medians are reported.")
+    p.add_argument("--repeats", type=int, default=5, help="Runs per level; medians are reported.")
     p.add_argument(
         "--warmup", type=int, default=16, help="Warmup requests per system (at concurrency 8)."
     )
@@ -179,8 +194,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-async def run_level(call: Call, concurrency: int, requests: int) -> dict:
-    """`requests` calls, `concurrency` at a time; wall time from first send to last reply."""
+async def run_level(system: System, concurrency: int, requests: int) -> dict:
+    """`requests` calls, `concurrency` at a time; wall time from first send to last reply.
+
+    Also the CPU time per request of the front-end process, and of this process (the
+    load generator) when the front end is another process: CPU per request is a steadier
+    measure of a front end's cost than throughput on a noisy shared machine.
+    """
     todo = iter(range(requests))
     latencies: list[float] = []
     tokens = 0
@@ -189,13 +209,17 @@ async def run_level(call: Call, concurrency: int, requests: int) -> dict:
         nonlocal tokens
         for i in todo:  # one shared iterator: a worker takes the next request when free
             t0 = time.perf_counter()
-            got = await call(PROMPTS[i % len(PROMPTS)])  # not `tokens += await`: it reads
-            latencies.append(time.perf_counter() - t0)  # `tokens` before awaiting
+            got = await system.call(PROMPTS[i % len(PROMPTS)])  # not `tokens += await`: it
+            latencies.append(time.perf_counter() - t0)  # reads `tokens` before awaiting
             tokens += got
 
+    own = os.getpid()
+    cpu0 = cpu_seconds(system.frontend_pid), cpu_seconds(own)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    frontend_cpu = cpu_seconds(system.frontend_pid) - cpu0[0]
+    client_cpu = cpu_seconds(own) - cpu0[1] if system.frontend_pid != own else 0.0
     return {
         "concurrency": concurrency,
         "requests": requests,
@@ -204,34 +228,68 @@ async def run_level(call: Call, concurrency: int, requests: int) -> dict:
         "tokens_per_s": tokens / wall,
         "p50_ms": percentile(latencies, 50) * 1e3,
         "p99_ms": percentile(latencies, 99) * 1e3,
+        "frontend_cpu_ms_per_request": frontend_cpu / requests * 1e3,
+        "client_cpu_ms_per_request": client_cpu / requests * 1e3,
         "latencies_ms": [round(x * 1e3, 2) for x in latencies],
     }
 
 
-async def measure(name: str, call: Call, args: argparse.Namespace, console) -> dict:
-    """Warmup, then every level `repeats` times (repeats outermost, to spread out noise)."""
-    t0 = time.perf_counter()
-    await run_level(call, min(8, max(args.levels)), args.warmup)
-    console.log(f"{name}: warmup {args.warmup} requests in {time.perf_counter() - t0:.1f}s")
-    runs: dict[int, list[dict]] = {c: [] for c in args.levels}
+def summarize(runs: dict[int, list[dict]]) -> dict[int, dict]:
+    """Medians over the repeats of one system, per level."""
+    keys = (
+        "tokens_per_s", "p50_ms", "p99_ms", "wall_s", "tokens",
+        "frontend_cpu_ms_per_request", "client_cpu_ms_per_request",
+    )  # fmt: skip
+    return {c: {k: statistics.median(run[k] for run in rs) for k in keys} for c, rs in runs.items()}
+
+
+async def measure(calls: dict[str, System], args: argparse.Namespace, console) -> dict:
+    """Warm every system up, then run repeats x levels x systems, interleaved.
+
+    Every system is up for the whole run and takes its turn at each level of each repeat
+    (the order rotates between repeats), so a noisy minute on a shared machine hits all of
+    them alike, and each repeat gives one paired ratio per level. An idle engine costs
+    nothing measurable while another is measured.
+    """
+    # This process holds vLLM, torch and (for inproc) a whole engine front end; a full
+    # collection of that heap stalls every client and the inproc engine for ~0.3 s. Freeze
+    # it, as the server and vLLM's engine core do, so the load generator is not the noise.
+    gc.collect()
+    gc.freeze()
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        await run_level(call, min(8, max(args.levels)), args.warmup)
+        console.log(f"{name}: warmup {args.warmup} requests in {time.perf_counter() - t0:.1f}s")
+    names = list(calls)
+    runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in args.levels} for n in names}
+    failed: dict[str, dict] = {}
     for r in range(args.repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
         for c in args.levels:
-            requests = args.requests or max(16, 4 * c)
-            res = await run_level(call, c, requests)
-            runs[c].append(res)
-            console.log(
-                f"{name}: repeat {r + 1}/{args.repeats} c={c} {res['tokens']} tokens "
-                f"in {res['wall_s']:.2f}s = {res['tokens_per_s']:,.0f} tok/s, "
-                f"p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms"
-            )
-    medians = {
-        c: {
-            k: statistics.median(run[k] for run in rs)
-            for k in ("tokens_per_s", "p50_ms", "p99_ms", "wall_s", "tokens")
-        }
-        for c, rs in runs.items()
+            requests = args.requests or max(16, 8 * c)
+            for name in order:
+                if name in failed:
+                    continue
+                try:
+                    # One untimed wave first: an engine that sat idle while the others
+                    # were measured runs its first wave up to 2x slower (measured here:
+                    # the host reclaims an idle process's memory), whichever system it is.
+                    await run_level(calls[name], c, c)
+                    res = await run_level(calls[name], c, requests)
+                except Exception as e:  # keep measuring the others
+                    console.log(f"[red]{name} failed: {e.__class__.__name__}: {e}")
+                    failed[name] = {"error": f"{e.__class__.__name__}: {e}"}
+                    continue
+                runs[name][c].append(res)
+                console.log(
+                    f"repeat {r + 1}/{args.repeats} c={c} {name}: {res['tokens']} tokens "
+                    f"in {res['wall_s']:.2f}s = {res['tokens_per_s']:,.0f} tok/s, "
+                    f"p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms"
+                )
+    return {
+        name: failed.get(name) or {"runs": runs[name], "median": summarize(runs[name])}
+        for name in names
     }
-    return {"runs": runs, "median": medians}
 
 
 # ---- subprocesses ------------------------------------------------------------------------
@@ -287,7 +345,7 @@ async def wait_until(ready: Callable[[], Awaitable[bool]], proc: Proc, timeout: 
 
 
 @contextlib.asynccontextmanager
-async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[Call]:
+async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[System]:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
@@ -318,13 +376,13 @@ async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[C
         return sum(len(o.token_ids) for o in final.outputs)
 
     try:
-        yield call
+        yield System(call, os.getpid())
     finally:
         llm.shutdown()
 
 
 @contextlib.asynccontextmanager
-async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[Call]:
+async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[System]:
     from instructloop.serve.engine import SamplingSpec, VllmEngine
 
     engine = VllmEngine(
@@ -341,13 +399,13 @@ async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[Cal
         return tokens
 
     try:
-        yield call
+        yield System(call, os.getpid())
     finally:
         engine.shutdown()
 
 
 @contextlib.asynccontextmanager
-async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> AsyncIterator[Call]:
+async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> AsyncIterator[System]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -394,7 +452,7 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
                 reply = await stub.Generate(request, timeout=args.request_timeout)
                 return sum(s.token_count for s in reply.samples)
 
-            yield call
+            yield System(call, server.proc.pid)
     finally:
         if server is not None:
             server.stop()
@@ -404,7 +462,7 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
 @contextlib.asynccontextmanager
 async def vllm_serve_system(
     model: str, args: argparse.Namespace, workdir: Path
-) -> AsyncIterator[Call]:
+) -> AsyncIterator[System]:
     import aiohttp
 
     from instructloop.redis_embedded import free_port
@@ -449,7 +507,7 @@ async def vllm_serve_system(
                     reply = await r.json()
                 return reply["usage"]["completion_tokens"]
 
-            yield call
+            yield System(call, server.proc.pid)
     finally:
         server.stop()
 
@@ -494,16 +552,27 @@ def machine_info() -> dict:
 
 
 def ratios(results: dict, levels: list[int]) -> dict:
-    """tokens/s of grpc divided by each other system, per level."""
-    out: dict[str, dict[int, float]] = {}
-    grpc = results.get("grpc", {}).get("median")
-    if not grpc:
+    """tokens/s of grpc over each other system, per level: the ratio of the medians, and
+    the median, min and max of the per-repeat ratios (each repeat ran both back to back)."""
+    out: dict[str, dict[int, dict]] = {}
+    grpc = results.get("grpc")
+    if not grpc or "error" in grpc:
         return out
     for other in ("inproc", "seam", "vllm-serve"):
-        med = results.get(other, {}).get("median")
-        if med:
-            out[f"grpc/{other}"] = {
-                c: grpc[c]["tokens_per_s"] / med[c]["tokens_per_s"] for c in levels
+        res = results.get(other)
+        if not res or "error" in res:
+            continue
+        out[f"grpc/{other}"] = {}
+        for c in levels:
+            paired = [
+                g["tokens_per_s"] / o["tokens_per_s"]
+                for g, o in zip(grpc["runs"][c], res["runs"][c], strict=True)
+            ]
+            out[f"grpc/{other}"][c] = {
+                "of_medians": grpc["median"][c]["tokens_per_s"] / res["median"][c]["tokens_per_s"],
+                "paired_median": statistics.median(paired),
+                "paired_min": min(paired),
+                "paired_max": max(paired),
             }
     return out
 
@@ -520,19 +589,23 @@ def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -
     table.add_column("tokens/s", justify="right")
     table.add_column("p50 ms", justify="right")
     table.add_column("p99 ms", justify="right")
+    table.add_column("front-end CPU ms/req", justify="right")
+    table.add_column("client CPU ms/req", justify="right")
     for name, res in results.items():
         if "error" in res:
-            table.add_row(name, "-", "-", f"[red]failed: {res['error'][:60]}", "", "")
+            table.add_row(name, "-", "-", f"[red]failed: {res['error'][:60]}", "", "", "", "")
             continue
         for c in levels:
             m = res["median"][c]
             table.add_row(
                 name,
                 str(c),
-                str(args.requests or max(16, 4 * c)),
+                str(args.requests or max(16, 8 * c)),
                 f"{m['tokens_per_s']:,.0f}",
                 f"{m['p50_ms']:,.0f}",
                 f"{m['p99_ms']:,.0f}",
+                f"{m['frontend_cpu_ms_per_request']:.1f}",
+                f"{m['client_cpu_ms_per_request']:.1f}" if m["client_cpu_ms_per_request"] else "-",
             )
         table.add_section()
     console.print(table)
@@ -542,7 +615,14 @@ def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -
         for c in levels:
             rt.add_column(f"c={c}", justify="right")
         for name, per_level in ratio.items():
-            rt.add_row(name, *(f"{per_level[c]:.2f}" for c in levels))
+            rt.add_row(name, *(f"{per_level[c]['of_medians']:.2f}" for c in levels))
+            rt.add_row(
+                "  per repeat: median (min-max)",
+                *(
+                    f"{r['paired_median']:.2f} ({r['paired_min']:.2f}-{r['paired_max']:.2f})"
+                    for r in (per_level[c] for c in levels)
+                ),
+            )
         console.print(rt)
 
 
@@ -557,18 +637,21 @@ async def bench(args: argparse.Namespace, console, workdir: Path) -> dict:
         console.log("building the tiny model")
         model = str(build_tiny_model(workdir / "tiny"))
     results: dict[str, dict] = {}
-    for name in args.system_list:
-        console.rule(name)
-        t0 = time.perf_counter()
-        try:
-            async with open_system(name, model, args, workdir) as call:
+    calls: dict[str, System] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for name in args.system_list:
+            t0 = time.perf_counter()
+            try:
+                calls[name] = await stack.enter_async_context(
+                    open_system(name, model, args, workdir)
+                )
                 console.log(f"{name}: ready in {time.perf_counter() - t0:.1f}s")
-                results[name] = await measure(name, call, args, console)
-        except Exception as e:  # one failing system does not lose the others' numbers
-            console.log(f"[red]{name} failed: {e.__class__.__name__}: {e}")
-            results[name] = {"error": f"{e.__class__.__name__}: {e}"}
-        gc.collect()  # drop this system's engine objects now, not at interpreter exit
-    return {"model": model, "results": results}
+            except Exception as e:  # one failing system does not lose the others' numbers
+                console.log(f"[red]{name} failed to start: {e.__class__.__name__}: {e}")
+                results[name] = {"error": f"{e.__class__.__name__}: {e}"}
+        if calls:
+            results.update(await measure(calls, args, console))
+    return {"model": model, "results": {n: results[n] for n in args.system_list}}
 
 
 def _interrupt(signum, frame) -> None:

@@ -7,6 +7,7 @@ finish (up to a grace period), and shuts the engine and the embedded Redis down.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -165,6 +166,12 @@ async def serve(cfg: ServerConfig) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    # Everything built so far (vLLM, torch, transformers, the tokenizer) lives as long as the
+    # process. Freezing it keeps the collector from walking it again: on the tiny model a
+    # full collection of that heap stalled the event loop ~330 ms, several times a minute
+    # under load (measured), and every request in flight waited for it.
+    gc.collect()
+    gc.freeze()
     await server.start()
     watcher = asyncio.create_task(_watch_health(health_servicer, engine, store, metrics))
     log.info(
