@@ -54,6 +54,15 @@ class LearnerConfig:
     torch_threads: int = field(
         default=0, metadata={"help": "torch intra-op threads (0 = torch's default)."}
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where SFT, the reward model, PPO and the gate run: 'auto' (cuda when "
+            "available, else cpu), 'cpu', 'cuda' or 'cuda:N' (SFT's Trainer picks its own "
+            "GPU). On CUDA forward passes use bf16 autocast; weights and checkpoints stay "
+            "float32, as on CPU."
+        },
+    )
 
     @property
     def resolved_redis_url(self) -> str:

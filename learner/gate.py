@@ -6,6 +6,8 @@ share of prompts where its answer scores higher (ties count half). Its KL to the
 (the SFT policy, or the base model before any SFT) is log pi - log pi_ref summed over each
 response, averaged: the same estimate PPO penalises. The candidate passes when the win
 rate is above the threshold AND the KL is below its bound.
+
+The four models run on `device`, under bf16 autocast on CUDA (learner/device.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from instructloop.learner.config import PPOConfig, RoundConfig
+from instructloop.learner.device import autocast
 from instructloop.learner.ppo import load_policy, rollout
 from instructloop.learner.reward import load_reward_model, score_texts
 
@@ -33,6 +36,7 @@ def evaluate_gate(
     ref_dir: Path,
     reward_dir: Path,
     prompts: Sequence[str],
+    device: str | torch.device = "cpu",
 ) -> dict:
     """RM-estimated win rate of candidate vs serving, and KL(candidate || reference)."""
     if not prompts:
@@ -42,10 +46,10 @@ def evaluate_gate(
             "candidate_score": float("nan"), "serving_score": float("nan"),
         }  # fmt: skip
     torch.manual_seed(cfg.gate_seed)
-    candidate, tokenizer = load_policy(candidate_dir)
-    serving, _ = load_policy(serving_dir)
-    ref, _ = load_policy(ref_dir)
-    rm, rm_tokenizer = load_reward_model(reward_dir)
+    candidate, tokenizer = load_policy(candidate_dir, device=device)
+    serving, _ = load_policy(serving_dir, device=device)
+    ref, _ = load_policy(ref_dir, device=device)
+    rm, rm_tokenizer = load_reward_model(reward_dir, device=device)
     for m in (candidate, serving, ref, rm):
         m.eval()
     batch = [p for p in prompts for _ in range(cfg.gate_samples_per_prompt)]
@@ -54,10 +58,11 @@ def evaluate_gate(
     t0 = time.perf_counter()
     for i in range(0, len(batch), step):
         chunk = batch[i : i + step]
-        ro_c = rollout(candidate, ref, tokenizer, chunk, ppo_cfg)
-        ro_s = rollout(serving, serving, tokenizer, chunk, ppo_cfg)
-        c = score_texts(rm, rm_tokenizer, chunk, ro_c.texts)  # [B]
-        s = score_texts(rm, rm_tokenizer, chunk, ro_s.texts)  # [B]
+        with autocast(device):
+            ro_c = rollout(candidate, ref, tokenizer, chunk, ppo_cfg)
+            ro_s = rollout(serving, serving, tokenizer, chunk, ppo_cfg)
+            c = score_texts(rm, rm_tokenizer, chunk, ro_c.texts)  # [B]
+            s = score_texts(rm, rm_tokenizer, chunk, ro_s.texts)  # [B]
         wins.append((c > s).float() + 0.5 * (c == s).float())
         kls.append(((ro_c.logp - ro_c.ref_logp) * ro_c.mask).sum(-1))  # [B] per response
         cand_scores.append(c)

@@ -39,6 +39,7 @@ from instructloop.learner.config import (
 )
 from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
 from instructloop.learner.dataset import Dataset, DatasetConfig
+from instructloop.learner.device import resolve_device
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.registry import Registry
 from instructloop.store import ModelStore
@@ -61,6 +62,7 @@ class Configs:
         if self.round.kind not in ("full", "lora"):
             raise ValueError(f"--kind must be 'full' or 'lora', got {self.round.kind!r}")
         self.ppo.lora = self.round.kind == "lora"  # derived once, here
+        self.learner.device = str(resolve_device(self.learner.device))  # 'auto' -> cuda/cpu
 
 
 def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
@@ -91,13 +93,13 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     store = ModelStore(cfg.model_store)
     learner = Learner(
         data_dir, dataset, store, Registry(aclient, keys), loop,
-        cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo,
+        cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo, device=cfg.device,
     )  # fmt: skip
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(
-        "learner %s: redis %s prefix %r, store %s, data %s; state: round %d",
+        "learner %s: redis %s prefix %r, store %s, data %s, device %s; state: round %d",
         cfgs.consumer.consumer, cfg.resolved_redis_url, cfg.redis_prefix, cfg.model_store,
-        data_dir, learner.state.round,
+        data_dir, cfg.device, learner.state.round,
     )  # fmt: skip
     published = 0
     try:

@@ -17,6 +17,11 @@ Readable top to bottom, like cleanrl's ppo.py. One iteration:
 The value model starts from the RM (the same backbone + scalar head, read at every token;
 see reward.token_values). The policy update is full weights or a LoRA adapter (peft).
 The result is saved as an HF checkpoint dir (full) or a peft adapter dir (LoRA).
+
+Device: the four models live on one device (`device`, resolved by the caller); rollouts,
+scoring and the losses' forward passes run under bf16 autocast on CUDA, backward and the
+optimizer step outside it, over float32 weights (learner/device.py). On CPU everything is
+float32, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructloop.learner.config import PPOConfig
+from instructloop.learner.device import autocast
 from instructloop.learner.reward import load_reward_model, score_texts, token_values
 
 log = logging.getLogger(__name__)
@@ -47,8 +53,11 @@ class PPOStopped(Exception):
 # ---------------------------------------------------------------------------- plumbing
 
 
-def load_policy(model_dir: str | Path, lora: bool | None = None):
-    """(model, tokenizer) of a full checkpoint or a peft adapter dir; left padding.
+def load_policy(
+    model_dir: str | Path, lora: bool | None = None, device: str | torch.device = "cpu"
+):
+    """(model, tokenizer) of a full checkpoint or a peft adapter dir; left padding; float32
+    weights on `device`.
 
     lora=True keeps an adapter dir's adapter trainable (the next LoRA round continues it);
     lora=False merges it into the base (a full-weights round); None loads it frozen.
@@ -64,7 +73,7 @@ def load_policy(model_dir: str | Path, lora: bool | None = None):
             model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +116,8 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
     """Sample one response per prompt from the policy, with policy and reference log-probs.
 
     engine: a rollout_vllm.VllmRollouts holding the policy's weights samples the tokens
-    instead of HF generate; the log-probs come from `policy` either way.
+    instead of HF generate; the log-probs come from `policy` either way. Every tensor of
+    the result is on the policy's device.
     """
     enc = tokenizer(
         list(prompts),
@@ -115,10 +125,10 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
         truncation=True,
         max_length=cfg.max_prompt_length,
         return_tensors="pt",
-    )
+    ).to(policy.device)
     P = enc["input_ids"].shape[1]
     if engine is not None:
-        seq = engine.sample(enc["input_ids"], enc["attention_mask"])  # [B, P+R]
+        seq = engine.sample(enc["input_ids"], enc["attention_mask"]).to(policy.device)  # [B, P+R]
     else:
         seq = policy.generate(
             **enc,
@@ -139,7 +149,7 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
     ref_logp, _ = response_logprobs(ref, seq, attn, pos, P, cfg.temperature)
     texts = [
         tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-        for r, m in zip(response, mask, strict=True)
+        for r, m in zip(response.cpu(), mask.cpu(), strict=True)  # one copy, not one per row
     ]
     return Rollout(list(prompts), seq, attn, pos, P, mask.float(), texts, logp, ref_logp)
 
@@ -176,6 +186,7 @@ def train_ppo(
     value_dir: str | Path | None = None,
     ptx_texts: Sequence[str] = (),
     stop: threading.Event | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Run PPO and save the policy to out_dir. Returns metrics with a per-iteration history.
 
@@ -183,6 +194,7 @@ def train_ppo(
     (default: policy_dir, i.e. the SFT policy); reward_dir: the RM; value_dir: where the
     value model starts (default: the RM); ptx_texts: text for the PPO-ptx term.
     stop: checked before every iteration; once set, PPOStopped is raised (nothing saved).
+    device: where all four models run; the saved policy is float32 either way.
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
@@ -192,10 +204,10 @@ def train_ppo(
     rng = random.Random(cfg.seed)
 
     # ---- models: policy (trained), reference (frozen), value (trained), reward (frozen)
-    policy, tokenizer = load_policy(policy_dir, lora=cfg.lora)
-    ref, _ = load_policy(ref_dir or policy_dir)
-    reward_model, reward_tokenizer = load_reward_model(reward_dir)
-    value_model, _ = load_reward_model(value_dir or reward_dir)
+    policy, tokenizer = load_policy(policy_dir, lora=cfg.lora, device=device)
+    ref, _ = load_policy(ref_dir or policy_dir, device=device)
+    reward_model, reward_tokenizer = load_reward_model(reward_dir, device=device)
+    value_model, _ = load_reward_model(value_dir or reward_dir, device=device)
     if value_model.config.vocab_size != policy.config.vocab_size:
         raise ValueError("the value model must share the policy's tokenizer (init it from the RM)")
     if cfg.lora and not hasattr(policy, "peft_config"):  # else: continue the loaded adapter
@@ -242,12 +254,13 @@ def train_ppo(
             batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]
             if engine is not None and it > 1:
                 engine.sync(policy)  # the engine samples from the weights updated last
-            ro = rollout(policy, ref, tokenizer, batch_prompts, cfg, engine)
+            with autocast(device):
+                ro = rollout(policy, ref, tokenizer, batch_prompts, cfg, engine)
             P, mask = ro.prompt_len, ro.mask  # mask: [B, R]
             t1 = time.perf_counter()
 
             # ------------------------------------------------------------ 2. reward
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device):
                 scores = score_texts(
                     reward_model, reward_tokenizer, ro.prompts, ro.texts
                 )  # [B], bias applied
@@ -255,7 +268,7 @@ def train_ppo(
                 kl = (ro.logp - ro.ref_logp) * mask  # [B, R] per-token KL estimate
                 rewards = -cfg.kl_beta * kl
                 last = mask.sum(-1).long() - 1  # [B] index of the last response token
-                rewards[torch.arange(len(last)), last] += scores
+                rewards[torch.arange(len(last), device=last.device), last] += scores
 
                 # -------------------------------------------------------- 3. GAE
                 advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -266,11 +279,14 @@ def train_ppo(
             stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "entropy": [], "ptx_loss": []}
             B = ro.seq.shape[0]
             for _ in range(cfg.ppo_epochs):
-                for idx in torch.randperm(B).split(cfg.minibatch_size):
+                for idx in torch.randperm(B).to(device).split(cfg.minibatch_size):
                     mb_mask = mask[idx]
-                    logp, entropy = response_logprobs(
-                        policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
-                    )
+                    with autocast(device):  # the forwards; backward runs in their dtypes
+                        logp, entropy = response_logprobs(
+                            policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
+                        )
+                        v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
+                        v_new = v_new[:, P - 1 : -1]  # [b, R]
                     ratio = torch.exp(logp - ro.logp[idx])
                     adv = advantages[idx]
                     pg_loss = masked_mean(
@@ -280,8 +296,6 @@ def train_ppo(
                         ),
                         mb_mask,
                     )
-                    v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
-                    v_new = v_new[:, P - 1 : -1]
                     v_old = values[idx]
                     v_clipped = v_old + (v_new - v_old).clamp(
                         -cfg.value_clip_range, cfg.value_clip_range
@@ -305,10 +319,11 @@ def train_ppo(
                             truncation=True,
                             max_length=cfg.max_prompt_length,
                             return_tensors="pt",
-                        )
+                        ).to(device)
                         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
                         pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                        ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
+                        with autocast(device):
+                            ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
                         loss = loss + cfg.ptx_coef * ptx_loss
                         stats["ptx_loss"].append(ptx_loss.item())
 
@@ -372,6 +387,7 @@ def train_ppo(
         **timing,
         "kind": "lora" if cfg.lora else "full",
         "rollout_engine": cfg.rollout_engine,
+        "device": str(device),
         "score_first": history[0]["score"],
         "score_last": sum(r["score"] for r in tail) / len(tail),
         "kl_last": sum(r["kl"] for r in tail) / len(tail),
@@ -391,20 +407,22 @@ def evaluate_policy(
     ref_dir: str | Path | None = None,
     cfg: PPOConfig | None = None,
     samples_per_prompt: int = 1,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Mean RM score of fresh samples and their KL to the reference (summed per sequence)."""
     cfg = cfg or PPOConfig()
     torch.manual_seed(cfg.seed)
-    policy, tokenizer = load_policy(policy_dir)
-    ref, _ = load_policy(ref_dir or policy_dir)
-    reward_model, reward_tokenizer = load_reward_model(reward_dir)
+    policy, tokenizer = load_policy(policy_dir, device=device)
+    ref, _ = load_policy(ref_dir or policy_dir, device=device)
+    reward_model, reward_tokenizer = load_reward_model(reward_dir, device=device)
     for m in (policy, ref, reward_model):
         m.eval()
     scores, kls = [], []
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     for i in range(0, len(batch), cfg.rollout_prompts):
-        ro = rollout(policy, ref, tokenizer, batch[i : i + cfg.rollout_prompts], cfg)
-        scores.append(score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts))
+        with autocast(device):
+            ro = rollout(policy, ref, tokenizer, batch[i : i + cfg.rollout_prompts], cfg)
+            scores.append(score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts))
         kls.append(((ro.logp - ro.ref_logp) * ro.mask).sum(-1))
     return {
         "mean_score": torch.cat(scores).mean().item(),

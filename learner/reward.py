@@ -18,6 +18,10 @@ the paper found, overfit.
 After one epoch, a bias makes demonstrations score mean 0 (the paper normalised the RM so
 labeler demonstrations have mean score 0 before RL). The bias is stored in the model's
 config as `reward_offset` and subtracted by every scoring function here.
+
+Device: the model lives where load_reward_model put it and every function here sends its
+inputs to `model.device`; train_reward_model runs its forward passes under bf16 autocast
+on CUDA (learner/device.py), and scores come back as float32 either way.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from instructloop.learner.config import RewardConfig
 from instructloop.learner.dataset import Comparison, Demonstration
+from instructloop.learner.device import autocast
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +75,16 @@ def kwise_loss(scores: torch.Tensor, tiers: Sequence[int]) -> tuple[torch.Tensor
 # ---------------------------------------------------------------------------- the model
 
 
-def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+def load_reward_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """(model, tokenizer) from a policy base (new head) or a previous RM dir (warm start)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "left"  # the score is read at the end: keep the end
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def encode(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> dict:
@@ -101,14 +108,14 @@ def token_values(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state  # [B, T, H]
     offset = getattr(model.config, "reward_offset", 0.0)
-    return model.score(hidden).squeeze(-1) - offset  # [B, T]
+    return model.score(hidden).squeeze(-1).float() - offset  # [B, T], float32 under autocast
 
 
 def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Reward of each right-padded row, read at its last real token: [B]."""
     values = token_values(model, input_ids, attention_mask)  # [B, T]
     last = attention_mask.sum(-1) - 1  # [B]
-    return values[torch.arange(values.shape[0]), last]
+    return values[torch.arange(values.shape[0], device=values.device), last]
 
 
 @torch.no_grad()
@@ -125,9 +132,9 @@ def score_texts(
     for i in range(0, len(prompts), batch_size):
         enc = encode(
             tokenizer, prompts[i : i + batch_size], answers[i : i + batch_size], max_length
-        )
+        ).to(model.device)
         out.append(end_scores(model, enc["input_ids"], enc["attention_mask"]))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=model.device)
 
 
 def pairwise_accuracy(
@@ -157,7 +164,7 @@ def kwise_step_loss(
     """Mean K-wise loss of a batch of prompts: every answer of every prompt in ONE forward."""
     prompts = [c.prompt for c in batch for _ in c.answers]
     answers = [a for c in batch for a in c.answers]
-    enc = encode(tokenizer, prompts, answers, max_length)  # [sum K, T]
+    enc = encode(tokenizer, prompts, answers, max_length).to(model.device)  # [sum K, T]
     scores = end_scores(model, enc["input_ids"], enc["attention_mask"])  # [sum K]
     losses, n_pairs, start = [], 0, 0
     for c in batch:
@@ -176,15 +183,17 @@ def train_reward_model(
     out_dir: str | Path,
     heldout: Sequence[Comparison] = (),
     demonstrations: Sequence[Demonstration] = (),
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train one RM version and save it to out_dir (HF format). Returns its metrics.
 
     init_dir is the policy's base (new head) or the previous RM (warm start). The bias is
     set so that `demonstrations` score mean 0; without any, the answers of `comparisons`
-    are used instead (and the metrics say so).
+    are used instead (and the metrics say so). The checkpoint is saved in float32 wherever
+    it trained (device.py).
     """
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_reward_model(init_dir)
+    model, tokenizer = load_reward_model(init_dir, device=device)
     model.train()
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -206,9 +215,10 @@ def train_reward_model(
         order = list(usable)
         rng.shuffle(order)  # shuffle prompts; the pairs of one prompt stay together
         for i in range(0, len(order), cfg.batch_prompts):
-            loss, n_pairs = kwise_step_loss(
-                model, tokenizer, order[i : i + cfg.batch_prompts], cfg.max_length
-            )
+            with autocast(device):  # the forward only: backward runs in the forward's dtypes
+                loss, n_pairs = kwise_step_loss(
+                    model, tokenizer, order[i : i + cfg.batch_prompts], cfg.max_length
+                )
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -237,7 +247,10 @@ def train_reward_model(
         prompts = [c.prompt for c in usable for _ in c.answers]
         answers = [a for c in usable for a in c.answers]
     if prompts:
-        mean = score_texts(model, tokenizer, prompts, answers, cfg.max_length, cfg.eval_batch_size)
+        with autocast(device):
+            mean = score_texts(
+                model, tokenizer, prompts, answers, cfg.max_length, cfg.eval_batch_size
+            )
         model.config.reward_offset = getattr(model.config, "reward_offset", 0.0) + float(
             mean.mean()
         )
@@ -253,9 +266,13 @@ def train_reward_model(
         "reward_offset": float(getattr(model.config, "reward_offset", 0.0)),
         "bias_on": bias_on,
         "init_dir": str(init_dir),
+        "device": str(device),
     }
     if heldout:
-        acc, n = pairwise_accuracy(model, tokenizer, heldout, cfg.max_length, cfg.eval_batch_size)
+        with autocast(device):
+            acc, n = pairwise_accuracy(
+                model, tokenizer, heldout, cfg.max_length, cfg.eval_batch_size
+            )
         metrics.update(heldout_accuracy=acc, heldout_pairs=n)
         log.info("rm held-out pairwise accuracy %.3f on %d pairs", acc, n)
 

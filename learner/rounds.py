@@ -120,8 +120,10 @@ class Learner:
         sft_cfg: SFTStepConfig,
         rm_cfg: RewardConfig,
         ppo_cfg: PPOConfig,
+        device: str = "cpu",
     ):
         self.data_dir = Path(data_dir)
+        self.device = device  # where SFT, RM, PPO and the gate run (resolved, not 'auto')
         self.dataset, self.store, self.registry, self.loop = dataset, store, registry, loop
         self.cfg, self.sft_cfg, self.rm_cfg, self.ppo_cfg = cfg, sft_cfg, rm_cfg, ppo_cfg
         self.state_path = self.data_dir / "state.json"
@@ -206,7 +208,7 @@ class Learner:
         if sft_ran:
             phase("sft")
             init = self._full_weights(serving, work)
-            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft", stop)
+            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft", stop, self.device)
             ref_dir = policy_start = work / "sft"
 
         # ---- 2. reward model: warm start, one epoch on what is new
@@ -221,6 +223,7 @@ class Learner:
                 rm_dir,
                 heldout,
                 ds.demonstrations("train"),
+                device=self.device,
             )
         else:
             rm_dir, rm_metrics = Path(st.rm_dir), {}
@@ -239,6 +242,7 @@ class Learner:
                 ref_dir=ref_dir,
                 ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
                 stop=stop,
+                device=self.device,
             )
         except PPOStopped as e:
             shutil.rmtree(work, ignore_errors=True)
@@ -249,7 +253,7 @@ class Learner:
         gate_prompts = ds.rl_prompts("heldout")[: self.cfg.gate_prompts]
         gate = evaluate_gate(
             self.cfg, self.ppo_cfg, work / "policy", serving.policy_dir, ref_dir, rm_dir,
-            gate_prompts,
+            gate_prompts, self.device,
         )  # fmt: skip
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
         gate["learner"] = str(self.data_dir.resolve())  # which learner's round this is

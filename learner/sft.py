@@ -36,11 +36,14 @@ def run_sft(
     init_dir: str | Path,
     out_dir: str | Path,
     stop: threading.Event | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Fine-tune the full checkpoint at init_dir on the demonstrations; save to out_dir.
 
     Returns metrics (steps, final loss, seconds, demonstrations/s). If `stop` is set,
     training ends after the current step (the caller decides what the result is worth).
+    device: 'cpu', or a CUDA device: then the Trainer trains on its GPU with bf16 autocast
+    over the float32 weights (its `bf16` option), as the other stages do (device.py).
     """
     import torch
     from datasets import Dataset as HFDataset
@@ -97,8 +100,8 @@ def run_sft(
             logging_steps=cfg.logging_steps,
             save_strategy="no",
             report_to=[],
-            use_cpu=not torch.cuda.is_available(),
-            bf16=False,
+            use_cpu=torch.device(device).type != "cuda",
+            bf16=torch.device(device).type == "cuda",
             gradient_checkpointing=False,  # tiny models: recomputation only costs time
             dataloader_num_workers=0,
             disable_tqdm=True,
@@ -126,6 +129,7 @@ def run_sft(
         "seconds": seconds,
         "demonstrations_per_s": result.global_step * cfg.batch_size / seconds,
         "init_dir": str(init_dir),
+        "device": str(device),
     }
     (out / "instructloop_sft.json").write_text(
         json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2) + "\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from safetensors import safe_open
 
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import synthetic
@@ -30,6 +31,7 @@ from instructloop.learner.config import (
 )
 from instructloop.learner.consumer import ConsumerConfig
 from instructloop.learner.dataset import Dataset, DatasetConfig, user_split
+from instructloop.learner.device import resolve_device
 from instructloop.learner.main import Configs, run
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.registry import Registry
@@ -141,6 +143,14 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     assert [(a.actor, a.from_version, a.to_version) for a in promote] == [("learner", "v0", "v1")]
     info = registry_call(url, prefix, lambda reg: reg.get("v1"))
     assert info.gate.passed and info.feedback_count == len(m1.feedback_ids)
+    # What the server loads: float32 tensors and config, whatever device trained them
+    # ('auto' here: the GPU where there is one); the version records that device.
+    ppo_record = json.loads((store.path("v1") / "instructloop_ppo.json").read_text())
+    assert ppo_record["metrics"]["device"] == str(resolve_device("auto"))
+    with safe_open(store.path("v1") / "model.safetensors", framework="pt") as f:
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F32"}
+    assert json.loads((store.path("v1") / "config.json").read_text())["dtype"] == "float32"
 
     # A crash after publishing but before the learner saved its state: the restarted
     # learner adopts v1 as round 1 instead of training and publishing it a second time.
@@ -174,6 +184,19 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     assert [m.id for m in store.list()] == ["v1", "v2", "v3"]
     state = json.loads((tmp_path / "learner" / "state.json").read_text())
     assert state["round"] == 3 and state["last_version"] == "v3"
+
+
+def test_learn_resolves_the_device_once_and_refuses_an_unknown_one(capsys):
+    from instructloop.cli import main
+
+    cfgs = Configs(
+        learner=LearnerConfig(device="auto"), consumer=ConsumerConfig(), round=RoundConfig(),
+        sft=SFTStepConfig(), rm=RewardConfig(), ppo=PPOConfig(),
+    )  # fmt: skip
+    assert cfgs.learner.device in ("cpu", "cuda")  # the trainers never see 'auto'
+    # Refused before anything is consumed or trained, with a message a person can act on.
+    assert main(["learn", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in capsys.readouterr().err
 
 
 def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
