@@ -4,7 +4,8 @@ Nothing is downloaded. The tokenizer is trained with `tokenizers` on a synthetic
 made here (short instructions and their answers, plus common English words), and the
 model is randomly initialised. head_dim is 64: vLLM's CPU attention refuses head_dim 16.
 The result is an ordinary HF-format directory; any other HF model directory works in
-its place.
+its place. MODEL_SIZES names the shapes the benchmarks build: the default ("tiny") and
+a GPT-2-small-like "100m" for the learner on a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ class TinyModelConfig:
     intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=1024, metadata={"help": "Context length."})
     seed: int = field(default=0, metadata={"help": "Seed for the corpus and the weights."})
+
+    @classmethod
+    def of_size(cls, name: str, **overrides) -> TinyModelConfig:
+        """The shape MODEL_SIZES[name] (any field can still be overridden)."""
+        if name not in MODEL_SIZES:
+            raise ValueError(f"model size {name!r}: one of {', '.join(MODEL_SIZES)}")
+        return cls(**{**MODEL_SIZES[name], **overrides})
+
+
+# Named shapes over the defaults above; parameter counts with the 1,024-token vocabulary
+# (untied input and output embeddings: 2 x 1,024 x hidden of them).
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": {},  # 2 layers, hidden 128, 2 heads: 787,072 parameters
+    # 12 layers, hidden 768, 12 heads of 64, MLP 3072 (GPT-2 small's shape):
+    # 114,838,272 parameters (a reward or value model on it: 114,052,608)
+    "100m": {"hidden_size": 768, "num_heads": 12, "num_layers": 12, "intermediate_size": 3072},
+}
 
 
 def synthetic_corpus(seed: int, lines: int = 20_000) -> list[str]:
