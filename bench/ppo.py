@@ -12,8 +12,11 @@ published version's metrics:
   - the round's wall time split into phases (resolve, sft, reward model, ppo, gate,
     publish), publish being the rest of the wall time.
 
-    python bench/ppo.py [--out bench/results/ppo.json] [--model DIR] [--kind lora]
-                        [--rollout-engine vllm]
+It also reads back every checkpoint the round wrote to the store (tensor dtypes from the
+safetensors headers, config dtype): what the server will load.
+
+    python bench/ppo.py [--out bench/results/ppo.json] [--model DIR | --model-size 100m]
+                        [--device cuda] [--kind lora] [--rollout-engine vllm]
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import logging
 import platform
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis.asyncio as aioredis
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from instructloop.keys import DATA_FIELD, Keys
@@ -41,11 +46,12 @@ from instructloop.learner.config import (
     SFTStepConfig,
 )
 from instructloop.learner.consumer import ConsumerConfig
+from instructloop.learner.device import resolve_device
 from instructloop.learner.main import Configs, run
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.registry import Registry
 from instructloop.store import ModelStore
-from instructloop.tinymodel import build_tiny_model
+from instructloop.tinymodel import MODEL_SIZES, TinyModelConfig, build_tiny_model
 from instructloop.v1 import admin_pb2
 
 PHASES = ("resolve", "sft", "reward_model", "ppo", "gate")
@@ -56,7 +62,13 @@ def parse_args() -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", help="HF model dir (default: build the tiny default model)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="HF model dir (default: build one of --model-size)")
+    model.add_argument(
+        "--model-size", choices=list(MODEL_SIZES), default="tiny",
+        help="shape of the locally built random-init model (instructloop.tinymodel)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="learner device: auto, cpu, cuda, cuda:N")
     p.add_argument("--kind", choices=("full", "lora"), default="full", help="what PPO trains")
     p.add_argument("--prompts", type=int, default=128, help="ranked prompts logged")
     p.add_argument("--k", type=int, default=4, help="answers ranked per prompt")
@@ -98,14 +110,35 @@ async def register_base(url: str, prefix: str, model_dir: Path) -> None:
     await client.aclose()
 
 
+def saved_checkpoints(store: ModelStore) -> dict:
+    """Per version in the store: its kind, tensor dtypes (safetensors headers), config dtype."""
+    out = {}
+    for m in store.list():
+        path = store.path(m.id)
+        dtypes: Counter = Counter()
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as st:  # the header only: no tensor is read
+                names = st.keys()  # (safe_open is no mapping: it has keys() but no __iter__)
+                dtypes.update(str(st.get_slice(k).get_dtype()) for k in names)
+        config = path / "config.json"
+        config_dtype = json.loads(config.read_text()).get("dtype") if config.exists() else None
+        out[m.id] = {"kind": m.kind, "tensor_dtypes": dict(dtypes), "config_dtype": config_dtype}
+    return out
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as work:
         work = Path(work)
-        model_dir = Path(args.model) if args.model else build_tiny_model(work / "tiny")
+        model_dir = (
+            Path(args.model)
+            if args.model
+            else build_tiny_model(work / args.model_size, TinyModelConfig.of_size(args.model_size))
+        )
         params = AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
         server = EmbeddedRedis(work / "redis", port=free_port()).start()
         try:
@@ -116,6 +149,7 @@ def main() -> None:
                 learner=LearnerConfig(
                     redis_url=server.url, redis_prefix=prefix, model_store=str(work / "store"),
                     data_dir=str(work / "learner"), heldout_fraction=0.2, max_rounds=1,
+                    device=str(device),
                 ),
                 consumer=ConsumerConfig(consumer="bench", block_ms=50),
                 round=RoundConfig(
@@ -137,8 +171,10 @@ def main() -> None:
         finally:
             server.stop()
         # the candidate (in lora mode the SFT weights are a version of their own, before it)
-        [manifest] = [m for m in ModelStore(work / "store").list() if "ppo_episodes" in m.metrics]
+        store = ModelStore(work / "store")
+        [manifest] = [m for m in store.list() if "ppo_episodes" in m.metrics]
         m = manifest.metrics
+        checkpoints = saved_checkpoints(store)
 
     ppo_s = m["ppo_rollout_s"] + m["ppo_scoring_s"] + m["ppo_update_s"]
     phases = {name: m.get(f"phase_{name}_s", 0.0) for name in PHASES}
@@ -146,14 +182,18 @@ def main() -> None:
     result = {
         "benchmark": "ppo",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": args.model or "tiny (instructloop.tinymodel)",
+        "model": args.model or f"{args.model_size} (instructloop.tinymodel, random init)",
         "parameters": params,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
             "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "gpu_peak_allocated_gib": (
+                torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            ),
         },
         "ppo": {
             "episodes": m["ppo_episodes"],
@@ -164,12 +204,14 @@ def main() -> None:
             "update_s": m["ppo_update_s"],
         },
         "round": {"wall_s": wall, **{f"{k}_s": v for k, v in phases.items()}},
+        "saved_checkpoints": checkpoints,
         "version_metrics": m,
     }
 
     pp = result["ppo"]
     print(
         f"\nPPO on {params / 1e6:.2f}M params, {args.kind}, rollouts by {args.rollout_engine}, "
+        f"{device}{' (' + result['machine']['gpu'] + ')' if result['machine']['gpu'] else ''}, "
         f"{torch.get_num_threads()} thread(s)"
     )
     print(f"{'part':<18} {'seconds':>8} {'share':>6}")
@@ -181,6 +223,10 @@ def main() -> None:
     for name, secs in phases.items():
         print(f"{name:<18} {secs:>8.2f} {secs / wall:>6.0%}")
     print(f"{'round (wall)':<18} {wall:>8.2f}")
+    for vid, c in checkpoints.items():
+        print(
+            f"saved {vid} ({c['kind']}): tensors {c['tensor_dtypes']}, config {c['config_dtype']}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

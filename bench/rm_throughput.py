@@ -1,13 +1,16 @@
 """Reward-model training throughput: our K-wise trainer against TRL's RewardTrainer.
 
-Both train the same scalar-head model (the tiny local Llama, or --model DIR) on the same
-rankings for one epoch: ours takes each prompt's K answers as one batch element (K
-forwards for C(K,2) pairs); TRL takes the rankings expanded to C(K,2) (chosen, rejected)
-pairs (2 forwards per pair). Both see the same number of sequences per optimizer step.
+Both train the same scalar-head model (a local random-init Llama of --model-size, or
+--model DIR) on the same rankings for one epoch, on the same --device: ours takes each
+prompt's K answers as one batch element (K forwards for C(K,2) pairs); TRL takes the
+rankings expanded to C(K,2) (chosen, rejected) pairs (2 forwards per pair). Both see the
+same number of sequences per optimizer step. On CUDA both run bf16 autocast over float32
+weights (ours through learner/device.py, TRL's through its bf16=True).
 Throughput is comparisons (pairs) per second of training time, median over --repeats;
 ratios are ours / TRL measured in the same run.
 
     python bench/rm_throughput.py [--out bench/results/rm_throughput.json]
+                                  [--model DIR | --model-size 100m] [--device cuda]
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from pathlib import Path
 import torch
 
 from instructloop.learner.dataset import Comparison
+from instructloop.learner.device import resolve_device
 from instructloop.learner.reward import RewardConfig, pairs_from_tiers, train_reward_model
 from instructloop.learner.synthetic import WORDS
-from instructloop.tinymodel import build_tiny_model
+from instructloop.tinymodel import MODEL_SIZES, TinyModelConfig, build_tiny_model
 
 
 def rankings(n_prompts: int, k: int, seed: int, answer_words: int) -> list[Comparison]:
@@ -52,7 +56,7 @@ def as_pairs(comparisons: list[Comparison]) -> list[dict]:
     ]
 
 
-def run_ours(model_dir, comparisons, seqs_per_step, lr, max_length, work) -> float:
+def run_ours(model_dir, comparisons, seqs_per_step, lr, max_length, work, device) -> float:
     k = len(comparisons[0].answers)
     cfg = RewardConfig(
         learning_rate=lr,
@@ -60,11 +64,11 @@ def run_ours(model_dir, comparisons, seqs_per_step, lr, max_length, work) -> flo
         max_length=max_length,
         log_every=10**9,
     )
-    metrics = train_reward_model(cfg, comparisons, model_dir, Path(work) / "ours")
+    metrics = train_reward_model(cfg, comparisons, model_dir, Path(work) / "ours", device=device)
     return metrics["pairs"] / metrics["train_seconds"]
 
 
-def run_trl(model_dir, comparisons, seqs_per_step, lr, max_length, work) -> float:
+def run_trl(model_dir, comparisons, seqs_per_step, lr, max_length, work, device) -> float:
     from datasets import Dataset as HFDataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig as TRLRewardConfig
@@ -83,7 +87,8 @@ def run_trl(model_dir, comparisons, seqs_per_step, lr, max_length, work) -> floa
         logging_steps=10**9,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device.type != "cuda",  # the Trainer then takes its (first) GPU
+        bf16=device.type == "cuda",
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
@@ -101,7 +106,13 @@ def run_trl(model_dir, comparisons, seqs_per_step, lr, max_length, work) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/rm_throughput.json", help="JSON result path.")
-    ap.add_argument("--model", default=None, help="HF model dir (default: build the tiny one).")
+    model = ap.add_mutually_exclusive_group()
+    model.add_argument("--model", default=None, help="HF model dir (default: build one).")
+    model.add_argument(
+        "--model-size", choices=list(MODEL_SIZES), default="tiny",
+        help="Shape of the locally built random-init model (instructloop.tinymodel).",
+    )  # fmt: skip
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     ap.add_argument("--ks", default="4,9", help="Ranking sizes K, comma-separated.")
     ap.add_argument("--pairs", type=int, default=1152, help="Comparisons (pairs) per run, per K.")
     ap.add_argument("--seqs-per-step", type=int, default=36, help="Sequences per step (both).")
@@ -114,6 +125,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     import datasets
     import transformers
 
@@ -122,7 +134,13 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as work:
-        model_dir = args.model or build_tiny_model(Path(work) / "tiny")
+        model_dir = args.model or build_tiny_model(
+            Path(work) / args.model_size, TinyModelConfig.of_size(args.model_size)
+        )
+        params = (
+            transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+            .num_parameters()
+        )  # fmt: skip
         rows = []
         for k in (int(x) for x in args.ks.split(",")):
             n_prompts = math.ceil(args.pairs / math.comb(k, 2))
@@ -139,6 +157,7 @@ def main() -> None:
                             args.lr,
                             args.max_length,
                             work,
+                            device,
                         )
                     )
                     print(
@@ -159,7 +178,8 @@ def main() -> None:
                 }
             )
 
-    print(f"\n{'K':>3} {'pairs':>6} {'ours cmp/s':>11} {'TRL cmp/s':>10} {'ratio':>6}")
+    print(f"\nreward model of {params:,} parameters on {device}")
+    print(f"{'K':>3} {'pairs':>6} {'ours cmp/s':>11} {'TRL cmp/s':>10} {'ratio':>6}")
     for row in rows:
         print(
             f"{row['k']:>3} {row['pairs']:>6} {row['ours_comparisons_per_s']:>11.0f} "
@@ -168,12 +188,15 @@ def main() -> None:
     result = {
         "benchmark": "rm_throughput",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": args.model or "tiny (instructloop.tinymodel)",
+        "model": args.model or f"{args.model_size} (instructloop.tinymodel, random init)",
+        "parameters": params,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
             "platform": platform.platform(),
             "cpu_count": torch.get_num_threads(),
             "torch": torch.__version__,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
         "results": rows,
     }
