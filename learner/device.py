@@ -32,7 +32,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# The dtype forward passes compute in, per device type; a type not listed computes in
+# float32 (no autocast). A test adds "cpu" here to run the CUDA path on a machine without one.
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"cuda": torch.bfloat16}
+
+
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA; a no-op context on CPU (float32 stays float32)."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    device_type = torch.device(device).type
+    dtype = AUTOCAST_DTYPES.get(device_type)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

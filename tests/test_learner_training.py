@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from instructloop.learner import synthetic
+from instructloop.learner import device, synthetic
 from instructloop.learner.dataset import Comparison, Dataset, DatasetConfig
 from instructloop.learner.ppo import PPOConfig, evaluate_policy, gae, train_ppo
 from instructloop.learner.reward import (
@@ -209,3 +210,42 @@ def test_ppo_lora_with_ptx_saves_an_adapter_and_leaves_the_base_alone(tiny_model
     train_ppo(cfg_next, prompts, out, rm, tmp_path / "adapter2", ref_dir=tiny_model)
     assert json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())["r"] == 8
     assert not (tmp_path / "adapter2" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_the_gpu_precision_path_learns_and_saves_float32_checkpoints(
+    tiny_model, tmp_path, monkeypatch
+):
+    """CI has no GPU: run what CUDA runs (forwards under bf16 autocast over float32
+    weights, backward outside it) through autocast's CPU kernels. The RM still learns,
+    PPO still climbs its reward, scores and values come back float32, and every
+    checkpoint the server will load is float32."""
+    monkeypatch.setitem(device.AUTOCAST_DTYPES, "cpu", torch.bfloat16)
+    with device.autocast("cpu"):  # the path under test is really bf16
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.25))
+    data = synthetic.preference_data(120, k=4, n_users=40, seed=0)
+    ds.add_batch([p for p, _ in data], [f for _, f in data])
+    cfg = RewardConfig(learning_rate=1e-3, batch_prompts=8, max_length=64, log_every=5)
+    train, heldout = ds.comparisons("train"), ds.comparisons("heldout")
+    metrics = train_reward_model(cfg, train, tiny_model, tmp_path / "rm", heldout)
+    assert metrics["heldout_accuracy"] > 0.8, metrics
+    model, tokenizer = load_reward_model(tmp_path / "rm")
+    with device.autocast("cpu"):
+        assert score_texts(model, tokenizer, ["q:"], [" a"]).dtype == torch.float32
+
+    rm = bag_of_tokens_reward_model(tiny_model, tmp_path / "bag-rm")
+    prompts = [p.prompt for p, _ in synthetic.preference_data(40, seed=5)]
+    eval_cfg = PPOConfig(**PPO_TINY, seed=123)
+    before = evaluate_policy(tiny_model, rm, prompts, cfg=eval_cfg, samples_per_prompt=2)
+    train_ppo(PPOConfig(**PPO_TINY, kl_beta=0.3), prompts, tiny_model, rm, tmp_path / "ppo")
+    after = evaluate_policy(tmp_path / "ppo", rm, prompts, tiny_model, eval_cfg, 2)
+    assert after["mean_score"] > before["mean_score"] + 0.5, (before, after)
+
+    for saved in (tmp_path / "rm", tmp_path / "ppo"):
+        with safe_open(saved / "model.safetensors", framework="pt") as f:
+            names = f.keys()
+            assert {f.get_slice(k).get_dtype() for k in names} == {"F32"}, saved
+        assert json.loads((saved / "config.json").read_text())["dtype"] == "float32"
