@@ -8,7 +8,7 @@ Trainer's options):
   - CUDA: float32 weights, forward passes under bf16 autocast. The matrix products run
     in bf16 on the tensor cores while the weights, the optimizer state and the saved
     checkpoints stay float32: AdamW steps of ~1e-5 relative size would vanish in bf16
-    weights (8 bits of mantissa), and the server loads the checkpoint as it was saved.
+    weights (8 significant bits), and the server loads the checkpoint as it was saved.
     Losses, log-probs and values are read in float32 (ppo.py and reward.py cast them).
 
 Imports torch; learner/config.py (which must stay light) only holds the option's name.
@@ -29,6 +29,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch sees no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -38,7 +40,8 @@ AUTOCAST_DTYPES: dict[str, torch.dtype] = {"cuda": torch.bfloat16}
 
 
 def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA; a no-op context on CPU (float32 stays float32)."""
+    """bf16 autocast on CUDA; a no-op context on CPU (float32 stays float32). See
+    AUTOCAST_DTYPES."""
     device_type = torch.device(device).type
     dtype = AUTOCAST_DTYPES.get(device_type)
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
