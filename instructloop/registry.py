@@ -24,6 +24,15 @@ CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
 MAX_CANARY_SHARE = 0.5
 T = TypeVar("T")
 
+# Claim the decision on a canary for one replica: every replica counts outcomes and may see
+# the threshold crossed at once, but only the first claim wins, and only while the canary
+# is still that version (a decision clears it; a new canary starts with no claim).
+# KEYS: aliases, canary state. ARGV: canary alias name, version. Reply: 1 if claimed.
+_CLAIM_CANARY_DECISION = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+return redis.call('HSETNX', KEYS[2], 'decided', '1')
+"""
+
 
 class RegistryError(Exception):
     """Base class of registry refusals."""
@@ -51,6 +60,7 @@ class Registry:
     def __init__(self, redis: aioredis.Redis, keys: Keys):
         self.redis = redis
         self.keys = keys
+        self._claim_canary_decision = redis.register_script(_CLAIM_CANARY_DECISION)
 
     # ---- versions ---------------------------------------------------------------------
 
@@ -225,18 +235,24 @@ class Registry:
         total = state.wins + state.losses + state.ties
         if state.version != version or total < max(state.min_comparisons, 1):
             return ""
+        promote = bool(state.promote_at) and state.win_rate >= state.promote_at
+        end = bool(state.rollback_at) and state.win_rate <= state.rollback_at
+        if not (promote or end):
+            return ""
+        claim = [self.keys.aliases, self.keys.canary], [CANARY, version]
+        if not await self._claim_canary_decision(*claim):
+            return ""  # another replica decides this canary
         why = f"canary win rate {state.win_rate:.3f} over {total} comparisons"
-        if state.promote_at and state.win_rate >= state.promote_at:
+        if promote:
             try:
                 await self.promote(version, "canary-judge", why, auto=True)
             except Frozen:
+                await self.redis.hdel(self.keys.canary, "decided")  # decide after unfreeze
                 return "frozen"
             await self.set_canary("canary-judge", "", 0.0, f"promoted: {why}")
             return "promoted"
-        if state.rollback_at and state.win_rate <= state.rollback_at:
-            await self.set_canary("canary-judge", "", 0.0, f"ended: {why}")
-            return "ended"
-        return ""
+        await self.set_canary("canary-judge", "", 0.0, f"ended: {why}")
+        return "ended"
 
     # ---- freeze -----------------------------------------------------------------------
 
