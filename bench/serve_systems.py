@@ -1,0 +1,264 @@
+"""The systems bench/serve.py measures: each starts, yields a `System` (a call that sends
+one prompt and returns the generated tokens, and the pid of its API front end), and
+stops on exit. See bench/serve.py's docstring for what each one is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import NamedTuple
+
+SYSTEMS = ("inproc", "seam", "grpc", "vllm-serve")
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default reservation fails on these machines
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+Call = Callable[[str], Awaitable[int]]  # prompt -> generated tokens (all n samples)
+
+
+class System(NamedTuple):
+    call: Call
+    frontend_pid: int  # the process that runs the API front end: this one when in-process
+
+
+# ---- subprocesses ------------------------------------------------------------------------
+
+
+class Proc:
+    """A server subprocess in its own process group (vLLM forks engine-core children)."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path):
+        self.name, self.log_path = name, log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, **ENGINE_ENV),
+                start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the group (the server shuts its engine down), SIGKILL what is left."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        self.proc.wait()
+
+
+async def wait_until(ready: Callable[[], Awaitable[bool]], proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        with contextlib.suppress(Exception):
+            if await ready():
+                return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"{proc.name} not ready after {timeout:.0f}s:\n{proc.tail()}")
+
+
+# ---- the systems -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[System]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=model,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            dtype=args.dtype,
+            enforce_eager=True,
+            disable_log_stats=True,
+        )
+    )
+    params = SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+    async def call(prompt: str) -> int:
+        final = None
+        async for out in llm.generate(prompt, params, uuid.uuid4().hex):
+            final = out
+        return sum(len(o.token_ids) for o in final.outputs)
+
+    try:
+        yield System(call, os.getpid())
+    finally:
+        llm.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[System]:
+    from instructloop.serve.engine import SamplingSpec, VllmEngine
+
+    engine = VllmEngine(
+        model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype
+    )
+    spec = SamplingSpec(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature)
+
+    async def call(prompt: str) -> int:
+        tokens = 0
+        async with engine.leases([None]) as (lease,):  # as the servicer does: fixes the version
+            ids = engine.encode(prompt)
+            async for deltas in engine.generate(uuid.uuid4().hex, ids, spec, lease):
+                tokens += sum(len(d.token_ids) for d in deltas)
+        return tokens
+
+    try:
+        yield System(call, os.getpid())
+    finally:
+        engine.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> AsyncIterator[System]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from instructloop.redis_embedded import EmbeddedRedis, free_port
+    from instructloop.v1 import api_pb2, api_pb2_grpc
+
+    redis = EmbeddedRedis(workdir / "redis", port=free_port()).start()
+    server = None
+    try:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "instructloop.cli", "serve",
+            "--model", model,
+            "--redis-url", redis.url,
+            "--port", str(port),
+            "--metrics-port", "0",
+            "--data-dir", str(workdir / "grpc-data"),
+            "--log-format", "text",
+            "--max-model-len", str(args.max_model_len),
+            "--dtype", args.dtype,
+        ]  # fmt: skip
+        server = Proc("grpc server", cmd, workdir / "grpc-server.log")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def serving() -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            await wait_until(serving, server, args.start_timeout)
+            stub = api_pb2_grpc.InstructLoopStub(channel)
+            sampling = api_pb2.SamplingParams(
+                max_tokens=args.max_tokens, temperature=args.temperature
+            )
+
+            async def call(prompt: str) -> int:
+                request = api_pb2.GenerateRequest(
+                    prompt=prompt,
+                    n=args.n,
+                    sampling=sampling,
+                    user_id="bench",
+                    do_not_log=args.grpc_do_not_log,
+                )
+                reply = await stub.Generate(request, timeout=args.request_timeout)
+                return sum(s.token_count for s in reply.samples)
+
+            yield System(call, server.proc.pid)
+    finally:
+        if server is not None:
+            server.stop()
+        redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def vllm_serve_system(
+    model: str, args: argparse.Namespace, workdir: Path
+) -> AsyncIterator[System]:
+    import aiohttp
+
+    from instructloop.redis_embedded import free_port
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(args.max_model_len),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--dtype", args.dtype,
+        "--enforce-eager",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    server = Proc("vllm-serve", cmd, workdir / "vllm-serve.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        timeout = aiohttp.ClientTimeout(total=args.request_timeout)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+            async def healthy() -> bool:
+                async with session.get(f"{base}/health") as r:
+                    return r.status == 200
+
+            await wait_until(healthy, server, args.start_timeout)
+
+            async def call(prompt: str) -> int:
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "n": args.n,
+                    "max_tokens": args.max_tokens,
+                    "temperature": args.temperature,
+                    "ignore_eos": args.ignore_eos,
+                }
+                async with session.post(f"{base}/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"vllm-serve HTTP {r.status}: {await r.text()}")
+                    reply = await r.json()
+                return reply["usage"]["completion_tokens"]
+
+            yield System(call, server.proc.pid)
+    finally:
+        server.stop()
+
+
+def open_system(name: str, model: str, args: argparse.Namespace, workdir: Path):
+    if name == "inproc":
+        return inproc_system(model, args)
+    if name == "seam":
+        return seam_system(model, args)
+    if name == "grpc":
+        return grpc_system(model, args, workdir)
+    return vllm_serve_system(model, args, workdir)
