@@ -223,6 +223,11 @@ async def run_level(system: System, concurrency: int, requests: int) -> dict:
     }
 
 
+def level_requests(args: argparse.Namespace, concurrency: int) -> int:
+    """Requests per level and repeat: --requests, or 8 waves at that concurrency."""
+    return args.requests or max(16, 8 * concurrency)
+
+
 def summarize(runs: dict[int, list[dict]]) -> dict[int, dict]:
     """Medians over the repeats of one system, per level."""
     keys = (
@@ -255,14 +260,14 @@ async def measure(calls: dict[str, System], args: argparse.Namespace, console) -
     for r in range(args.repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for c in args.levels:
-            requests = args.requests or max(16, 8 * c)
+            requests = level_requests(args, c)
             for name in order:
                 if name in failed:
                     continue
                 try:
                     # One untimed wave first: an engine that sat idle while the others
-                    # were measured runs its first wave up to 2x slower (measured here:
-                    # the host reclaims an idle process's memory), whichever system it is.
+                    # were measured ran its first wave up to 2x slower here, whichever
+                    # system it was (not major page faults; the cause is not known).
                     await run_level(calls[name], c, c)
                     res = await run_level(calls[name], c, requests)
                 except Exception as e:  # keep measuring the others
@@ -359,7 +364,7 @@ def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -
             table.add_row(
                 name,
                 str(c),
-                str(args.requests or max(16, 8 * c)),
+                str(level_requests(args, c)),
                 f"{m['tokens_per_s']:,.0f}",
                 f"{m['p50_ms']:,.0f}",
                 f"{m['p99_ms']:,.0f}",

@@ -89,6 +89,7 @@ def run_sft(
                 )
 
     progress = Progress()
+    on_cuda = torch.device(device).type == "cuda"
     with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
         args = SFTConfig(
             output_dir=scratch,  # checkpoints are not kept: save_strategy "no"
@@ -100,8 +101,8 @@ def run_sft(
             logging_steps=cfg.logging_steps,
             save_strategy="no",
             report_to=[],
-            use_cpu=torch.device(device).type != "cuda",
-            bf16=torch.device(device).type == "cuda",
+            use_cpu=not on_cuda,
+            bf16=on_cuda,
             gradient_checkpointing=False,  # tiny models: recomputation only costs time
             dataloader_num_workers=0,
             disable_tqdm=True,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def saved_dtypes(checkpoint: Path) -> tuple[set[str], str]:
+    """The tensor dtypes in a checkpoint's model.safetensors (read from its header) and the
+    dtype its config.json names: what the server will load."""
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as f:
+        names = f.keys()  # safe_open has keys() but no __iter__
+        tensors = {f.get_slice(k).get_dtype() for k in names}
+    return tensors, json.loads((checkpoint / "config.json").read_text())["dtype"]
 
 
 @pytest.fixture(scope="session")

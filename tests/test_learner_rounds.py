@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from safetensors import safe_open
+from conftest import saved_dtypes
 
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import synthetic
@@ -147,10 +147,7 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     # ('auto' here: the GPU where there is one); the version records that device.
     ppo_record = json.loads((store.path("v1") / "instructloop_ppo.json").read_text())
     assert ppo_record["metrics"]["device"] == str(resolve_device("auto"))
-    with safe_open(store.path("v1") / "model.safetensors", framework="pt") as f:
-        names = f.keys()
-        assert {f.get_slice(k).get_dtype() for k in names} == {"F32"}
-    assert json.loads((store.path("v1") / "config.json").read_text())["dtype"] == "float32"
+    assert saved_dtypes(store.path("v1")) == ({"F32"}, "float32")
 
     # A crash after publishing but before the learner saved its state: the restarted
     # learner adopts v1 as round 1 instead of training and publishing it a second time.
