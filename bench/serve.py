@@ -6,11 +6,18 @@ temperature 1.0, non-streaming) at several concurrency levels against:
   inproc      vLLM `AsyncLLM` in this process, final output only: the engine's limit.
   seam        our engine seam `instructloop.serve.engine.VllmEngine` in this process (the
               exact engine path the server uses: token ids in, DELTA outputs streamed back).
-  grpc        our server (`python -m instructloop.cli serve`) as a subprocess with a real
-              redis-server, called through grpc.aio `Generate` (prompts logged to Redis).
+  grpc        our server (`python -m instructloop.cli serve`) as a subprocess with its
+              embedded redis-server, called through grpc.aio `Generate` (prompts logged
+              to Redis, fsynced).
   vllm-serve  vLLM's own OpenAI server as a subprocess, `/v1/completions` with aiohttp.
 
 (How each is started and called: bench/serve_systems.py.)
+
+CPU placement (on by default, --no-cpu-placement turns it off): every system gets the
+placement our server applies to itself on a CPU engine (instructloop.serve.placement):
+front ends, Redis and this load generator on the cores vLLM's worker leaves free, the
+engine-core process beside the worker. Our server does it itself; the bench does the same
+for the others, so only the API front ends differ. Off, the kernel places everything.
 
 All systems are started first and stay up; each gets a warmup, then every repeat runs
 every level on every system in turn (the order rotates between repeats), so the machine's
@@ -139,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-do-not-log",
         action="store_true",
         help="Send do_not_log=true to our server (skips the Redis write per prompt).",
+    )
+    p.add_argument(
+        "--cpu-placement",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Give every system (and this load generator) the CPU placement our server "
+        "applies to itself (see the module docstring).",
     )
     p.add_argument(
         "--start-timeout", type=float, default=300.0, help="Seconds to wait for a server to start."
@@ -413,9 +427,38 @@ async def bench(args: argparse.Namespace, console, workdir: Path) -> dict:
             except Exception as e:  # one failing system does not lose the others' numbers
                 console.log(f"[red]{name} failed to start: {e.__class__.__name__}: {e}")
                 results[name] = {"error": f"{e.__class__.__name__}: {e}"}
+        placed = apply_placement(calls, console) if calls and args.cpu_placement else {}
         if calls:
             results.update(await measure(calls, args, console))
-    return {"model": model, "results": {n: results[n] for n in args.system_list}}
+    return {
+        "model": model,
+        "placement": placed,
+        "results": {n: results[n] for n in args.system_list},
+    }
+
+
+def apply_placement(calls: dict[str, System], console) -> dict:
+    """Our server's CPU placement for every other system and for this load generator."""
+    from instructloop.serve import placement
+
+    own = os.getpid()
+    worker: set[int] = set()
+    for system in calls.values():
+        worker |= placement.engines_of(system.frontend_pid)[1]
+    plan = placement.plan(os.sched_getaffinity(own), worker)
+    if plan is None:
+        console.log("cpu placement: nothing to move (no bound CPU worker, or no free core)")
+        return {}
+    for name, system in calls.items():
+        if name == "grpc":
+            continue  # our server placed itself (--cpu-placement)
+        for pid in placement.engines_of(system.frontend_pid)[0]:
+            placement.pin(pid, plan.engine_core)
+        placement.pin(system.frontend_pid, plan.frontend)
+    placement.pin(own, plan.frontend)  # the load generator (and the in-process front ends)
+    placed = {"frontend_cpus": sorted(plan.frontend), "engine_core_cpus": sorted(plan.engine_core)}
+    console.log(f"cpu placement: {placed}")
+    return placed
 
 
 def _interrupt(signum, frame) -> None:
@@ -453,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         model=out["model"] if args.model else "tiny (instructloop.tinymodel defaults)",
         prompts=PROMPTS,
         engine_env=ENGINE_ENV,
+        placement=out["placement"],
         argv=sys.argv[1:] if argv is None else argv,
     )
     machine = machine_info()

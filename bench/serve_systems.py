@@ -151,23 +151,22 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from instructloop.redis_embedded import EmbeddedRedis, free_port
+    from instructloop.redis_embedded import free_port
     from instructloop.v1 import api_pb2, api_pb2_grpc
 
-    redis = EmbeddedRedis(workdir / "redis", port=free_port()).start()
     server = None
     try:
         port = free_port()
         cmd = [
             sys.executable, "-m", "instructloop.cli", "serve",
             "--model", model,
-            "--redis-url", redis.url,
             "--port", str(port),
             "--metrics-port", "0",
             "--data-dir", str(workdir / "grpc-data"),
             "--log-format", "text",
             "--max-model-len", str(args.max_model_len),
             "--dtype", args.dtype,
+            "--cpu-placement" if args.cpu_placement else "--no-cpu-placement",
         ]  # fmt: skip
         server = Proc("grpc server", cmd, workdir / "grpc-server.log")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -198,7 +197,6 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
     finally:
         if server is not None:
             server.stop()
-        redis.stop()
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +25,7 @@ from instructloop.registry import Registry, now_ts
 from instructloop.store import ModelStore
 from instructloop.v1 import admin_pb2, admin_pb2_grpc, api_pb2, api_pb2_grpc
 
+from . import placement
 from .admin import AdminAuthInterceptor, AdminServicer
 from .config import ServerConfig
 from .engine import EngineError, VllmEngine
@@ -148,6 +150,8 @@ async def serve(cfg: ServerConfig) -> None:
         max_lora_rank=cfg.max_lora_rank,
         max_loras=cfg.max_loras,
     )
+    if cfg.cpu_placement:
+        _place(redis_proc)
     metrics.track_engine(engine.num_unfinished_requests)
     metrics.set_version(engine.version)
     registry = Registry(store.redis, Keys(cfg.redis_prefix))
@@ -209,6 +213,22 @@ async def serve(cfg: ServerConfig) -> None:
         if redis_proc is not None:
             redis_proc.stop()
         log.info("stopped")
+
+
+def _place(redis_proc: EmbeddedRedis | None) -> None:
+    others = [redis_proc.proc.pid] if redis_proc is not None and redis_proc.proc else []
+    try:
+        p = placement.place(os.getpid(), others)
+    except (OSError, psutil.Error) as e:  # a container may forbid it; serving goes on
+        log.warning("cpu placement skipped: %s", e)
+        return
+    if p is None:
+        log.info("cpu placement: nothing to move (no bound CPU worker, or no free core)")
+        return
+    log.info(
+        "cpu placement: front end and embedded Redis on cores %s, engine core on %s",
+        sorted(p.frontend), sorted(p.engine_core),
+    )  # fmt: skip
 
 
 def run(cfg: ServerConfig) -> int:

@@ -112,6 +112,14 @@ class ServerConfig:
         default=0, metadata={"help": "Context length cap (0: the model's own)."}
     )
     dtype: str = field(default="auto", metadata={"help": "Weight dtype for vLLM."})
+    cpu_placement: bool = field(
+        default=True,
+        metadata={
+            "help": "On a CPU engine with bound worker cores: run this server and the embedded "
+            "Redis on the cores the worker leaves free, away from the engine's busy-polling "
+            "processes (see instructloop.serve.placement)."
+        },
+    )
     log_format: str = field(default="json", metadata={"help": "'json' or 'text' logs."})
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
     limits: Limits = field(default_factory=Limits)
