@@ -226,8 +226,8 @@ def _place(redis_proc: EmbeddedRedis | None) -> None:
         log.info("cpu placement: nothing to move (no bound CPU worker, or no free core)")
         return
     log.info(
-        "cpu placement: front end and embedded Redis on cores %s, engine core on %s",
-        sorted(p.frontend), sorted(p.engine_core),
+        "cpu placement: front end%s on cores %s, engine core on %s",
+        " and embedded Redis" if others else "", sorted(p.frontend), sorted(p.engine_core),
     )  # fmt: skip
 
 
