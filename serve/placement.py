@@ -4,31 +4,29 @@ vLLM's CPU worker binds its compute (OpenMP) threads to fixed cores and leaves t
 cores free, but pins nothing else. Its engine-core process busy-polls (sched_yield in a
 loop) for the worker's result while the worker computes, so both engine processes look
 CPU-bound to the kernel, and the front end, its clients and Redis end up queued behind
-one of them. Measured on 2 cores (bench/serve, 2026-11): a gRPC call waited up to 0.3 s
-on the run queue before the server or the client could run, the engine held half the
-requests it was offered, and Redis took up to 0.5 s to answer an XADD it serves in 0.2 ms
-on an idle machine.
+one of them. Measured on 2 cores (bench/serve, 2026-11): the client's event loop stalled
+up to 0.3 s waiting for a core, calls reached the server's handler up to 0.7 s after they
+were sent, the engine held half the requests it was offered, and Redis took up to 0.5 s
+to answer an XADD it serves in 0.2 ms on an idle machine.
 
 The placement: the front end (this process, every thread) and the embedded Redis get the
-free cores. With two or more free cores the engine core gets one of them to itself. With
-one free core the engine core shares one of the worker's cores instead: on CPU vLLM does
-not schedule ahead (no async scheduling), so the engine core's real work runs while the
-worker waits for it, and the front end keeps a core no busy-poller uses. With no free
-core, or a worker that is not bound (GPU hosts, VLLM_CPU_OMP_THREADS_BIND=nobind),
-nothing is moved.
+free cores. With one free core (vLLM's default leaves one) the engine core shares one of
+the worker's cores: on CPU vLLM does not schedule ahead (no async scheduling), so the
+engine core's real work runs while the worker waits for it, and the front end keeps a
+core no busy-poller uses. It costs the engine some throughput of its own (bench/serve,
+README). With two or more free cores (VLLM_CPU_NUM_OF_RESERVED_CPU) the engine core gets
+one of them to itself; not measured, these machines have 2 cores. With no free core, or
+a worker that is not bound (GPU hosts, VLLM_CPU_OMP_THREADS_BIND=nobind), nothing moves.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psutil
-
-log = logging.getLogger(__name__)
 
 # The process titles vLLM sets (setproctitle); /proc's comm keeps 15 characters.
 ENGINE_CORE_PREFIX = "VLLM::EngineCor"
