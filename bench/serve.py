@@ -5,7 +5,8 @@ temperature 1.0, non-streaming) at several concurrency levels against:
 
   inproc      vLLM `AsyncLLM` in this process, final output only: the engine's limit.
   seam        our engine seam `instructloop.serve.engine.VllmEngine` in this process (the
-              exact engine path the server uses: token ids in, DELTA outputs streamed back).
+              engine path of GenerateStream: token ids in, DELTA outputs streamed back;
+              unary Generate asks the engine for final outputs only).
   grpc        our server (`python -m instructloop.cli serve`) as a subprocess with its
               embedded redis-server, called through grpc.aio `Generate` (prompts logged
               to Redis, fsynced).
