@@ -17,8 +17,8 @@ temperature 1.0, non-streaming) at several concurrency levels against:
 CPU placement (on by default, --no-cpu-placement turns it off): every system gets the
 placement our server applies to itself on a CPU engine (instructloop.serve.placement):
 front ends, Redis and this load generator on the cores vLLM's worker leaves free, the
-engine-core process beside the worker. Our server does it itself; the bench does the same
-for the others, so only the API front ends differ. Off, the kernel places everything.
+engine-core process beside the worker. Our server does it itself; the bench applies the
+same to all, so only the API front ends differ. Off, the kernel places everything.
 
 All systems are started first and stay up; each gets a warmup, then every repeat runs
 every level on every system in turn (the order rotates between repeats), so the machine's
@@ -439,24 +439,15 @@ async def bench(args: argparse.Namespace, console, workdir: Path) -> dict:
 
 
 def apply_placement(calls: dict[str, System], console) -> dict:
-    """Our server's CPU placement for every other system and for this load generator."""
+    """Our server's CPU placement for every system and for this load generator (our
+    server has already placed itself the same way; pinning it again changes nothing)."""
     from instructloop.serve import placement
 
-    own = os.getpid()
-    worker: set[int] = set()
-    for system in calls.values():
-        worker |= placement.engines_of(system.frontend_pid)[1]
-    plan = placement.plan(os.sched_getaffinity(own), worker)
+    own = os.getpid()  # the load generator and the in-process front ends
+    plan = placement.place(dict.fromkeys([own, *(s.frontend_pid for s in calls.values())]))
     if plan is None:
         console.log("cpu placement: nothing to move (no bound CPU worker, or no free core)")
         return {}
-    for name, system in calls.items():
-        if name == "grpc":
-            continue  # our server placed itself (--cpu-placement)
-        for pid in placement.engines_of(system.frontend_pid)[0]:
-            placement.pin(pid, plan.engine_core)
-        placement.pin(system.frontend_pid, plan.frontend)
-    placement.pin(own, plan.frontend)  # the load generator (and the in-process front ends)
     placed = {"frontend_cpus": sorted(plan.frontend), "engine_core_cpus": sorted(plan.engine_core)}
     console.log(f"cpu placement: {placed}")
     return placed

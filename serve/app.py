@@ -218,7 +218,7 @@ async def serve(cfg: ServerConfig) -> None:
 def _place(redis_proc: EmbeddedRedis | None) -> None:
     others = [redis_proc.proc.pid] if redis_proc is not None and redis_proc.proc else []
     try:
-        p = placement.place(os.getpid(), others)
+        p = placement.place([os.getpid()], others)
     except (OSError, psutil.Error) as e:  # a container may forbid it; serving goes on
         log.warning("cpu placement skipped: %s", e)
         return

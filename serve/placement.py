@@ -74,15 +74,20 @@ def engines_of(frontend_pid: int) -> tuple[list[int], set[int]]:
     return cores, worker_cpus
 
 
-def place(frontend_pid: int, others: Iterable[int] = ()) -> Plan | None:
-    """Apply the placement to a front end, its engines and `others` (processes that serve
-    alongside the front end, e.g. the embedded Redis). Returns what was applied."""
-    cores, worker_cpus = engines_of(frontend_pid)
-    p = plan(os.sched_getaffinity(frontend_pid), worker_cpus)
+def place(frontends: Iterable[int], others: Iterable[int] = ()) -> Plan | None:
+    """Apply the placement to front ends, their engines and `others` (processes that serve
+    alongside them, e.g. the embedded Redis). Returns what was applied."""
+    frontends = list(frontends)
+    cores, worker_cpus = [], set()
+    for pid in frontends:
+        c, w = engines_of(pid)
+        cores += c
+        worker_cpus |= w
+    p = plan(os.sched_getaffinity(frontends[0]), worker_cpus)
     if p is None:
         return None
     for pid in cores:
         pin(pid, p.engine_core)
-    for pid in (frontend_pid, *others):
+    for pid in (*frontends, *others):
         pin(pid, p.frontend)
     return p
