@@ -111,7 +111,10 @@ class ServerConfig:
     max_model_len: int = field(
         default=0, metadata={"help": "Context length cap (0: the model's own)."}
     )
-    dtype: str = field(default="auto", metadata={"help": "Weight dtype for vLLM."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype for vLLM ('auto': the model's; float32 on a CPU engine)."},
+    )
     cpu_placement: bool = field(
         default=True,
         metadata={

