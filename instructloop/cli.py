@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _init_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from instructloop.tinymodel import TinyModelConfig, build_tiny_model
+    from instructloop.pretrain import PretrainConfig, pretrain_base
 
     out = Path(args.dir)
     if out.exists():
@@ -35,9 +35,15 @@ def _init_model(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(out)
-    cfg = dataclass_from_args(TinyModelConfig, args)
-    print(f"building the tiny default model in {out} ...", file=sys.stderr)
-    build_tiny_model(out, cfg)
+    cfg = dataclass_from_args(PretrainConfig, args)
+    if args.random_init:
+        from instructloop.tinymodel import build_tiny_model
+
+        print(f"building a random-init model (BPE tokenizer) in {out} ...", file=sys.stderr)
+        build_tiny_model(out, cfg.shape())
+    else:
+        print(f"pretraining the base model in {out} ...", file=sys.stderr)
+        pretrain_base(out, cfg)
     print(f"done: {out}")
     return 0
 
@@ -47,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import models_cli
     from instructloop.learner import cli as learner_cli
     from instructloop.loop import cli as loop_cli
+    from instructloop.pretrain import PretrainConfig
     from instructloop.serve.config import ServerConfig
-    from instructloop.tinymodel import TinyModelConfig
 
     parser = argparse.ArgumentParser(
         prog="instructloop",
@@ -62,20 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gRPC server (vLLM engine, Redis logging)",
         description="Run one server replica. With no --redis-url it starts an embedded "
         "redis-server with AOF persistence under --data-dir; with no --model it serves the "
-        "default tiny model, building it on first start.",
+        "default base model, pretraining it on first start (minutes, once).",
     )
     add_dataclass_arguments(p, ServerConfig)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
         "init-model",
-        help="build the small default policy locally (no downloads)",
-        description="Build a tiny Llama-architecture model (random init, head_dim 64) and a "
-        "BPE tokenizer trained with `tokenizers`, as an HF-format directory.",
+        help="pretrain the small default base model locally (no downloads)",
+        description="Pretrain a small Llama-architecture model (head_dim 64, one token per "
+        "character) on a corpus generated here: free text that uses the task skills "
+        "(reversing, sorting, upper-casing, counting, copying) and worksheets of "
+        "instructions without answers, never an instruction followed by its answer. "
+        "Deterministic for a seed and --max-steps; writes an HF-format directory. "
+        "--random-init builds an untrained model of the same shape instead (BPE tokenizer).",
     )
     p.add_argument("dir", help="output directory")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    add_dataclass_arguments(p, TinyModelConfig)
+    p.add_argument(
+        "--random-init", action="store_true", help="no pretraining: random weights, BPE tokenizer"
+    )
+    add_dataclass_arguments(p, PretrainConfig)
     p.set_defaults(func=_init_model)
 
     client_cli.register(sub)

@@ -93,8 +93,7 @@ def synthetic_corpus(seed: int, lines: int = 20_000) -> list[str]:
 
 def build_tokenizer(cfg: TinyModelConfig):
     """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,6 +105,15 @@ def build_tokenizer(cfg: TinyModelConfig):
         show_progress=False,
     )
     tok.train_from_iterator(synthetic_corpus(cfg.seed), trainer=trainer)
+    return as_hf_tokenizer(tok, cfg.max_position_embeddings)
+
+
+def as_hf_tokenizer(tok, max_length: int):
+    """A `tokenizers` tokenizer with SPECIAL_TOKENS as a transformers fast tokenizer:
+    BOS before every text, the chat template, <pad> and </s>."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -116,19 +124,14 @@ def build_tokenizer(cfg: TinyModelConfig):
         eos_token="</s>",
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE,
-        model_max_length=cfg.max_position_embeddings,
+        model_max_length=max_length,
     )
 
 
-def build_tiny_model(out_dir: str | os.PathLike, cfg: TinyModelConfig | None = None) -> Path:
-    """Write tokenizer and random-init Llama weights to out_dir (atomically) and return it."""
-    import torch
+def new_llama(tokenizer, cfg: TinyModelConfig):
+    """A randomly initialised Llama of shape cfg over the tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = cfg or TinyModelConfig()
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tokenizer = build_tokenizer(cfg)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -143,16 +146,35 @@ def build_tiny_model(out_dir: str | os.PathLike, cfg: TinyModelConfig | None = N
         tie_word_embeddings=False,
         dtype="float32",
     )
-    torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def write_model_dir(out_dir: str | os.PathLike, model, tokenizer, extra: dict[str, dict]) -> Path:
+    """Save model, tokenizer and extra JSON files to out_dir: written elsewhere, fsynced,
+    then renamed into place, so a reader never sees half a model."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=False)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "instructloop_tiny.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    for name, data in extra.items():
+        (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
+
+
+def build_tiny_model(out_dir: str | os.PathLike, cfg: TinyModelConfig | None = None) -> Path:
+    """Write tokenizer and random-init Llama weights to out_dir (atomically) and return it."""
+    import torch
+
+    cfg = cfg or TinyModelConfig()
+    tokenizer = build_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)
+    model = new_llama(tokenizer, cfg)
+    return write_model_dir(out_dir, model, tokenizer, {"instructloop_tiny.json": asdict(cfg)})

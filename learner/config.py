@@ -119,6 +119,13 @@ class SFTStepConfig:
         default=16,
         metadata={"help": "New training-split demonstrations needed before a round runs SFT."},
     )
+    from_base: bool = field(
+        default=True,
+        metadata={
+            "help": "SFT trains the base model on every training demonstration so far (the "
+            "paper's SFT model). Off: it fine-tunes the serving policy on the new ones."
+        },
+    )
     max_steps: int = field(
         default=50, metadata={"help": "Optimizer steps per SFT run (a few on CPU)."}
     )
@@ -150,6 +157,22 @@ class RewardConfig:
         metadata={"help": "Tokens of prompt + answer; longer inputs lose the prompt's start."},
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    retrain: bool = field(
+        default=True,
+        metadata={
+            "help": "Each round trains a new RM from the SFT policy, one epoch over every "
+            "training comparison so far (the paper's RM). Off: warm-start from the previous "
+            "RM, one epoch over the new comparisons."
+        },
+    )
+    demo_comparisons: bool = field(
+        default=True,
+        metadata={
+            "help": "A demonstration of a ranked prompt joins its comparison as the best "
+            "answer (tied with any sample that says the same), so the RM also learns that "
+            "the written ideal beats what the policy sampled."
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward."})
     seed: int = field(default=0, metadata={"help": "Seed for the order of batch elements."})
     log_every: int = field(default=10, metadata={"help": "Log progress every N steps."})

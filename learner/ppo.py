@@ -308,8 +308,11 @@ def train_ppo(
 
                     # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step.
                     if cfg.ptx_coef > 0 and ptx_order:
+                        # A text is a whole document: it ends with EOS (so the policy
+                        # keeps learning where answers stop) and is kept up to a prompt's
+                        # and a response's length.
                         texts = [
-                            ptx_order[(ptx_cursor + j) % len(ptx_order)]
+                            ptx_order[(ptx_cursor + j) % len(ptx_order)] + tokenizer.eos_token
                             for j in range(cfg.ptx_batch_size)
                         ]
                         ptx_cursor += cfg.ptx_batch_size
@@ -317,7 +320,7 @@ def train_ppo(
                             texts,
                             padding=True,
                             truncation=True,
-                            max_length=cfg.max_prompt_length,
+                            max_length=cfg.max_prompt_length + cfg.max_new_tokens,
                             return_tensors="pt",
                         ).to(device)
                         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)

@@ -32,7 +32,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,31 @@ def kwise_loss(scores: torch.Tensor, tiers: Sequence[int]) -> tuple[torch.Tensor
         return scores.sum() * 0.0, 0
     w, lose = torch.tensor(pairs, device=scores.device).unbind(-1)  # [P], [P]
     return -F.logsigmoid(scores[w] - scores[lose]).mean(), len(pairs)
+
+
+def with_demonstrations(
+    comparisons: Sequence[Comparison], demonstrations: Sequence[Demonstration]
+) -> tuple[list[Comparison], int]:
+    """Each comparison whose prompt has a demonstration, with the demonstration added as
+    the best answer: tier 0, shared with any sample that says the same (after strip), the
+    sampled tiers moved down one. Still one batch element with each answer forwarded once.
+    Returns the comparisons and how many got a demonstration."""
+    demo_of: dict[str, str] = {}
+    for d in demonstrations:
+        demo_of.setdefault(d.prompt_id, d.text)
+    out, joined = [], 0
+    for c in comparisons:
+        demo = demo_of.get(c.prompt_id)
+        if demo is None or not demo.strip():
+            out.append(c)
+            continue
+        tiers = [
+            0 if a.strip() == demo.strip() else t + 1
+            for a, t in zip(c.answers, c.tiers, strict=True)
+        ]
+        out.append(replace(c, answers=[demo, *c.answers], tiers=[0, *tiers]))
+        joined += 1
+    return out, joined
 
 
 # ---------------------------------------------------------------------------- the model
@@ -184,13 +209,15 @@ def train_reward_model(
     heldout: Sequence[Comparison] = (),
     demonstrations: Sequence[Demonstration] = (),
     device: str | torch.device = "cpu",
+    ranked_demonstrations: Sequence[Demonstration] = (),
 ) -> dict:
     """Train one RM version and save it to out_dir (HF format). Returns its metrics.
 
     init_dir is the policy's base (new head) or the previous RM (warm start). The bias is
     set so that `demonstrations` score mean 0; without any, the answers of `comparisons`
     are used instead (and the metrics say so). The checkpoint is saved in float32 wherever
-    it trained (device.py).
+    it trained (device.py). `ranked_demonstrations` join the comparisons of their prompts
+    as the best answer (with_demonstrations).
     """
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_reward_model(init_dir, device=device)
@@ -198,6 +225,7 @@ def train_reward_model(
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
+    comparisons, with_demo = with_demonstrations(comparisons, ranked_demonstrations)
     usable = [c for c in comparisons if pairs_from_tiers(c.tiers)]
     steps_per_epoch = math.ceil(len(usable) / cfg.batch_prompts)
     log.info(
@@ -258,6 +286,7 @@ def train_reward_model(
     tail_loss = recent_loss[-cfg.log_every :]
     metrics = {
         "comparisons": len(usable),
+        "with_demonstration": with_demo,
         "pairs": total_pairs,
         "steps": step,
         "train_loss": sum(tail_loss) / max(1, len(tail_loss)),

@@ -4,18 +4,26 @@ One round, top to bottom (Learner.run_round):
 
   0. resolve   the serving version through the registry (alias `current`): its policy
                weights (base/full: the dir; lora: the base's dir + the adapter);
-  1. SFT       only if enough new demonstrations arrived; the result becomes the KL
-               reference and the policy PPO starts from (sft.py, TRL SFTTrainer);
-  2. RM        warm-started from the previous round's RM (the policy's weights the
-               first time), one epoch on the comparisons that arrived since (reward.py);
+  1. SFT       only if enough new demonstrations arrived: the base model trained on
+               every training demonstration so far (or, --no-sft-from-base, the serving
+               policy on the new ones); the result becomes the KL reference and the
+               policy PPO starts from (sft.py, TRL SFTTrainer);
+  2. RM        a new RM from the SFT policy (as the paper's RM), or the base before any
+               SFT, one epoch on every training comparison so far (--no-rm-retrain:
+               warm-started from the previous RM, one epoch on the new ones); each
+               comparison has the demonstration of its prompt ranked first when there
+               is one (reward.py);
   3. PPO       from the serving policy (or the new SFT policy), reference = the latest
                SFT policy, or the base model before any SFT (ppo.py);
   4. gate      RM-estimated win rate of the candidate against the serving version on
                held-out prompts (users split by hash, as the paper split by customer)
                above a threshold, and KL to the reference below a bound (gate.py);
-  5. publish   the candidate into the model store and the registry with its metrics,
-               the feedback ids that trained it and the gate result; promote it
-               (auto=True) only if the gate passed and no operator froze promotion.
+  5. publish   the new SFT policy as a version of its own (never promoted: the
+               SFT-only baseline that evaluations compare PPO against, and in LoRA mode
+               the weights under the adapter); then the candidate into the model store
+               and the registry with its metrics, the feedback ids that trained it and
+               the gate result; promote it (auto=True) only if the gate passed and no
+               operator froze promotion.
 
 Consistency: everything a round writes goes into DATA_DIR/rounds/r<N>/ and becomes part of
 the learner's state (state.json, replaced atomically) only after the version is published.
@@ -60,6 +68,8 @@ class RoundState:
     demonstrations_seq: int = 0  # ... up to which SFT has trained
     rm_dir: str = ""  # the latest RM ("" = none yet)
     sft_dir: str = ""  # the latest SFT policy: the KL reference ("" = the base model)
+    sft_round: int = 0  # the round that trained it (0 = none)
+    sft_version: str = ""  # its published version (the SFT-only policy PPO is judged against)
     last_round_at: float = field(default_factory=time.time)
     last_version: str = ""
 
@@ -199,39 +209,50 @@ class Learner:
             len(comparisons),
         )
 
-        # ---- 1. SFT on new demonstrations: the new reference and PPO's start
-        demos = ds.demonstrations("train", since_seq=st.demonstrations_seq)
+        # ---- 1. SFT when new demonstrations arrived: the new reference and PPO's start
+        new_demos = ds.demonstrations("train", since_seq=st.demonstrations_seq)
+        all_demos = ds.demonstrations("train")
         ref_dir = Path(st.sft_dir) if st.sft_dir else base_dir
         policy_start = serving.policy_dir
         sft_metrics: dict = {}
-        sft_ran = len(demos) >= self.sft_cfg.min_demonstrations
+        sft_ran = len(new_demos) >= self.sft_cfg.min_demonstrations
+        demos = new_demos  # what this round's SFT trains on (if it runs)
         if sft_ran:
             phase("sft")
-            init = self._full_weights(serving, work)
+            if self.sft_cfg.from_base:  # the paper's SFT: the base on every demonstration
+                init, demos = base_dir, all_demos
+            else:  # the serving policy, fine-tuned on the new ones
+                init = self._full_weights(serving, work)
             sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft", stop, self.device)
             ref_dir = policy_start = work / "sft"
 
-        # ---- 2. reward model: warm start, one epoch on what is new
+        # ---- 2. reward model: from the SFT policy on every comparison, or a warm start
         phase("reward model")
         heldout = ds.comparisons("heldout")
         if comparisons:
             rm_dir = work / "rm"
+            if self.rm_cfg.retrain:
+                rm_init, rm_data, rm_demos = ref_dir, ds.comparisons("train"), all_demos
+            else:
+                rm_init, rm_data, rm_demos = st.rm_dir or ref_dir, comparisons, new_demos
             rm_metrics = train_reward_model(
                 self.rm_cfg,
-                comparisons,
-                st.rm_dir or serving.weights_dir,
+                rm_data,
+                rm_init,
                 rm_dir,
                 heldout,
-                ds.demonstrations("train"),
+                all_demos,
                 device=self.device,
+                ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
             )
+            comparisons = rm_data  # what trained this round's RM
         else:
             rm_dir, rm_metrics = Path(st.rm_dir), {}
 
         # ---- 3. PPO from the serving (or new SFT) policy, KL to the reference
         phase("ppo")
         prompts = ds.rl_prompts("train")
-        ptx = [d.prompt + d.text for d in ds.demonstrations("train")]
+        ptx = [d.prompt + d.text for d in all_demos]
         try:
             ppo_metrics = train_ppo(
                 self.ppo_cfg,
@@ -270,6 +291,10 @@ class Learner:
             "rm_heldout_pairs": rm_metrics.get("heldout_pairs", 0),
             "rm_train_loss": rm_metrics.get("train_loss", float("nan")),
             "rm_comparisons": len(comparisons),
+            "rm_demo_comparisons": rm_metrics.get("with_demonstration", 0),
+            "comparisons_total": len(ds.comparisons("train")),
+            "demonstrations_total": len(all_demos),
+            "reference_round": n if sft_ran else st.sft_round,
             "sft_demonstrations": len(demos) if sft_ran else 0,
             "sft_loss": sft_metrics.get("train_loss", float("nan")),
             "win_rate": gate["win_rate"],
@@ -291,7 +316,9 @@ class Learner:
         )
         result.reference = str(ref_dir)
 
-        self._commit(n, work, seq_hi, sft_ran, bool(comparisons), result.version)
+        self._commit(
+            n, work, seq_hi, sft_ran, bool(comparisons), result.version, result.sft_version
+        )
         log.info(
             "round %d: done in %.1fs: %s %s (win rate %.3f, kl %.3f)",
             n,
@@ -304,13 +331,21 @@ class Learner:
         return result
 
     def _commit(
-        self, n: int, work: Path, seq_hi: int, sft_ran: bool, rm_trained: bool, version: str
+        self,
+        n: int,
+        work: Path,
+        seq_hi: int,
+        sft_ran: bool,
+        rm_trained: bool,
+        version: str,
+        sft_version: str = "",
     ) -> None:
         """The round is done: the learner's state moves (one atomic file replace)."""
         st = self.state
         st.round, st.comparisons_seq = n, seq_hi
         if sft_ran:
             st.demonstrations_seq, st.sft_dir = seq_hi, str(work / "sft")
+            st.sft_round, st.sft_version = n, sft_version
         if rm_trained:
             st.rm_dir = str(work / "rm")
         st.last_round_at, st.last_version = time.time(), version
@@ -323,11 +358,8 @@ class Learner:
         training (and publishing) it a second time. Promote it if the crash came before
         the promotion and `current` has not moved since."""
         mine = str(self.data_dir.resolve())
-        found = [
-            m
-            for m in self.store.list()
-            if m.gate.get("learner") == mine and m.metrics.get("round") == n
-        ]
+        round_versions = [m for m in self.store.list() if m.metrics.get("round") == n]
+        found = [m for m in round_versions if m.gate.get("learner") == mine]
         if not found or not work.is_dir():
             return None
         m = found[-1]
@@ -350,7 +382,13 @@ class Learner:
         self._await(promote())
         seq = int(m.metrics["feedback_seq"])
         sft_ran = m.metrics.get("sft_demonstrations", 0) > 0 and (work / "sft").is_dir()
-        self._commit(n, work, seq, sft_ran, m.metrics.get("rm_comparisons", 0) > 0, m.id)
+        sft_ids = [
+            v.id for v in round_versions if v.metrics.get("sft_only") and v.parent == m.parent
+        ]
+        self._commit(
+            n, work, seq, sft_ran, m.metrics.get("rm_comparisons", 0) > 0, m.id,
+            sft_ids[-1] if sft_ids else "",
+        )  # fmt: skip
         return RoundResult(
             n, "adopted after a crash", m.id, promoted, frozen, m.gate, m.metrics,
             list(m.feedback_ids), m.gate.get("reference", ""),
@@ -360,20 +398,29 @@ class Learner:
         self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran
     ) -> RoundResult:
         kind = "lora" if self.ppo_cfg.lora else "full"
-        base_model, sft_version = serving.weights_version, ""
-        if kind == "lora" and sft_ran:
-            # The adapter was trained over the new SFT weights: they must be a version too,
-            # so a server can load them under the adapter. Never promoted on their own.
+        base_id = await self.base_id()
+        base_model = serving.weights_version if kind == "lora" else base_id
+        sft_version = ""
+        if sft_ran:
+            # The SFT-only policy: the baseline an evaluation compares PPO with (does the
+            # RM + PPO add anything over SFT on the same data?) and, in LoRA mode, the
+            # weights the adapter was trained over. Never promoted on its own.
             sft_info = await publish_version(
                 self.registry, self.store, str(work / "sft"), kind="full", parent=serving.id,
-                base_model=serving.weights_version,
+                base_model=base_id if kind == "full" else serving.weights_version,
                 feedback_ids=[d.feedback_id for d in demos],
-                metrics={"round": n, "sft_demonstrations": len(demos)},
-                gate={"passed": False, "reason": f"SFT weights under round {n}'s adapter"},
+                metrics={
+                    "round": n, "sft_only": 1.0, "sft_demonstrations": len(demos),
+                    "sft_loss": metrics["sft_loss"],
+                    "demonstrations_total": metrics["demonstrations_total"],
+                    "comparisons_total": metrics["comparisons_total"],
+                },
+                gate={"passed": False, "reason": f"the SFT-only policy of round {n}: not a "
+                      "candidate (PPO's reference and starting point)"},
             )  # fmt: skip
-            base_model = sft_version = sft_info.id
-        elif kind == "full":
-            base_model = await self.base_id()
+            sft_version = sft_info.id
+            if kind == "lora":
+                base_model = sft_version
         info = await publish_version(
             self.registry, self.store, str(work / "policy"), kind=kind, parent=serving.id,
             base_model=base_model, feedback_ids=trained_on, metrics=metrics, gate=gate,

@@ -35,22 +35,32 @@ def _view(sim):
         f"comparisons {s.comparisons}/{sim.cfg.max_comparisons} ",
         f"({s.heldout_comparisons} held-out)  demonstrations {s.demonstrations}  ",
         (f"errors {s.errors}" if s.errors else "", "red"),
+        (f" ({s.dead_users} users died)" if s.dead_users else "", "red"),
     )
     table = Table(box=None, header_style="bold")
-    for col in ("version", "status", "at comps", "RM held-out acc", "KL", "gate (RM) win",
-                "labeler win vs v0"):  # fmt: skip
-        table.add_column(col, justify="right" if col != "status" else "left")
+    columns = ("version", "status", "comps used", "exact greedy", "exact sampled",
+               "win vs v0", "win vs SFT", "RM held-out acc", "KL", "gate (RM) win")  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="left" if col == "status" else "right")
     rows = sorted(sim.versions.values(), key=lambda v: (v["seen_at_s"], v["id"]))
     for v in rows:
         status = v["status"] + (" *" if "current" in v.get("aliases", []) else "")
         style = {"promoted": "green", "rejected": "red"}.get(v["status"], "")
+        used = v["comparisons_used"]
         table.add_row(
-            v["id"], Text(status, style=style), str(v["comparisons_at"]),
+            v["id"], Text(status, style=style), "-" if used is None else str(int(used)),
+            _fmt(v["exact_match"]), _fmt(v["exact_match_sampled"]),
+            _fmt(v["labeler_win_rate"]), _fmt(v["labeler_win_rate_vs_sft"]),
             _fmt(v["rm_heldout_accuracy"]), _fmt(v["kl"]), _fmt(v["gate_win_rate"]),
-            _fmt(v["labeler_win_rate"]) + (f" (n={v['eval_n']})" if v["eval_n"] else ""),
         )  # fmt: skip
-    goal = sim.cfg.target_win_rate
-    foot = Text(f"goal: labeler win rate >= {goal:.0%} vs v0   (* = current)" if goal else "")
+    goals = [f"exact match >= {sim.cfg.target_exact_match:.0%}"] * bool(sim.cfg.target_exact_match)
+    goals += [f"win vs v0 >= {sim.cfg.target_win_rate:.0%}"] * bool(sim.cfg.target_win_rate)
+    foot = Text(
+        f"goal: a promoted version with {' and '.join(goals) or 'no target'}   "
+        f"({len(sim.eval_prompts)} held-out prompts; * = current)"
+    )
+    if s.last_error:
+        foot.append(f"\nlast error: {s.last_error}", style="red")
     return Group(head, table, foot)
 
 
@@ -88,29 +98,39 @@ def _simulate(args: argparse.Namespace) -> int:
         return 1
     console.print(_view(sim))
     path, plot = write_report(report, cfg.out)
-    reached = report["reached_target"]
-    if reached:
+    reached, best = report["reached_target"], report["best"]
+    targets = cfg.target_win_rate or cfg.target_exact_match
+    if report["failed"]:
+        console.print(f"[red]stopped: {report['failed']}[/red]")
+    elif reached:
         console.print(
-            f"[green]reached {reached['win_rate']:.1%} labeler win rate vs v0 with "
-            f"{reached['version']} after {reached['comparisons']} comparisons, "
-            f"{reached['seconds']:.0f}s[/green]"
+            f"[green]reached the targets with {reached['version']} after "
+            f"{reached['comparisons']} comparisons, {reached['seconds']:.0f}s: "
+            f"exact match {_fmt(reached['exact_match'], '.1%')}, "
+            f"win rate vs v0 {_fmt(reached['win_rate'], '.1%')}[/green]"
         )
-    elif cfg.target_win_rate:
-        best = report["best"]
+    elif targets:
         console.print(
-            f"[yellow]target {cfg.target_win_rate:.0%} not reached; best: "
-            f"{best['id'] + ' ' + format(best['labeler_win_rate'], '.1%') if best else 'none'}"
-            "[/yellow]"
+            "[yellow]targets not reached; best promoted: "
+            + (
+                f"{best['id']}: exact match {_fmt(best['exact_match'], '.1%')}, win vs v0 "
+                f"{_fmt(best['labeler_win_rate'], '.1%')}"
+                if best
+                else "none"
+            )
+            + "[/yellow]"
         )
     console.print(f"report: {path}" + (f", plot: {plot}" if plot else " (no matplotlib: no plot)"))
-    return 0 if reached or not cfg.target_win_rate else 3
+    if report["failed"]:
+        return 1
+    return 0 if reached or not targets else 3
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "up",
         help="run the whole loop locally: embedded Redis, server, learner",
-        description="Start the embedded Redis, the server on the default tiny model and the "
+        description="Start the embedded Redis, the server on the default base model and the "
         "learner as child processes, and print where to connect. Ctrl-C (or SIGTERM) stops "
         "the learner, then the server, then Redis. A second `up` on the same --data-dir "
         "resumes: versions, the dataset and the queues survive.",
@@ -120,12 +140,14 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "simulate",
-        help="simulated users drive a running loop; measures win rate vs v0",
+        help="simulated users drive a running loop; measures exact match and win rates",
         description="A population of simulated users sends prompts of a task set, ranks the "
         "K samples with a labeler (--labeler module:function, a callable (prompt, samples) "
         "-> ranking), sometimes writes a demonstration; held-out users only evaluate. Shows "
-        "live progress and writes report.json and report.png to --out. Exit code 0 when "
-        "--target-win-rate was reached, 3 when it was not.",
+        "live progress and writes report.json and report.png to --out. Every version is "
+        "measured by greedy and sampled exact-match, labeler win rate vs v0 and vs its "
+        "round's SFT-only policy, RM held-out accuracy and KL. Exit code 0 when a promoted "
+        "version reached the targets, 3 when none did, 1 when every user died.",
     )
     add_dataclass_arguments(p, SimulateConfig)
     p.set_defaults(func=_simulate)

@@ -23,6 +23,10 @@ Shipped labelers:
   demonstrates the correct answer.
 - `shouting`: prefers answers with a larger share of capital letters, whatever they say
   (a trait unrelated to correctness); demonstrates the correct answer in capitals.
+- `brief` and `vowels`: two more preferences unrelated to correctness, with no
+  demonstrations, to check that the loop learns a taste it has never seen: the shorter
+  non-empty answer (in steps of 2 characters; empty last), and the larger share of
+  vowels among the letters.
 """
 
 from __future__ import annotations
@@ -85,6 +89,28 @@ def _shout(prompt: str) -> str | None:
 
 
 shouting.demonstrate = _shout  # type: ignore[attr-defined]
+
+
+def brief(prompt: str, samples: Sequence[str]) -> list[RankItem]:
+    """Shorter is better (length in steps of 2 characters), but something must be said:
+    an empty answer is last. Content is ignored; no demonstrations."""
+
+    def score(text: str) -> tuple[bool, int]:
+        text = text.strip()
+        return bool(text), -(len(text) // 2)
+
+    return rank_by_score([score(s) for s in samples])
+
+
+def vowels(prompt: str, samples: Sequence[str]) -> list[RankItem]:
+    """A larger share of vowels (aeiou, either case) among the letters is better; an
+    answer without letters is last. Content is ignored; no demonstrations."""
+
+    def score(text: str) -> float:
+        letters = [c for c in text.lower() if c.isalpha()]
+        return round(sum(c in "aeiou" for c in letters) / len(letters), 1) if letters else -1.0
+
+    return rank_by_score([score(s) for s in samples])
 
 
 def load_labeler(spec: str) -> Labeler:

@@ -1,10 +1,12 @@
-"""The end of a simulation: report.json and a PNG plot of every version against v0.
+"""The end of a simulation: report.json and report.png, the data-efficiency curve.
 
-The plot has three panels over the count of comparisons the simulated users had sent
-when each version appeared: the labeler win rate against v0 on held-out prompts (served
-versions only: a rejected version never serves), the reward model's held-out pairwise
-accuracy, and the KL to the reference (both from the version's metrics). matplotlib is
-imported here only, with the Agg backend (no display needed).
+The plot has four panels over the training comparisons each version was trained on
+(its `comparisons_total` metric; the count sent when it appeared, where a version has
+none): greedy and sampled exact-match on the held-out prompts; the labeler win rate
+against v0 and against the round's SFT-only policy; the reward model's held-out pairwise
+accuracy; and the KL to the reference. Promoted versions are dots on a line, rejected
+ones crosses, SFT-only policies squares. matplotlib is imported here only, with the Agg
+backend (no display needed).
 """
 
 from __future__ import annotations
@@ -31,51 +33,62 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+def _x(v: dict) -> float:
+    used = v.get("comparisons_used")
+    return used if _finite(used) else v["comparisons_at"]
+
+
+STYLES = {  # status -> (marker, line style)
+    "promoted": ("o", "-"),
+    "rejected": ("x", ""),
+    "sft": ("s", ":"),
+}
+
+
 def write_plot(report: dict, out_dir: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    versions = [v for v in report["versions"] if v["id"] != "v0"]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
-    ax = axes[0]
-    served = [v for v in versions if _finite(v.get("labeler_win_rate"))]
-    ax.plot(
-        [0] + [v["comparisons_at"] for v in served],
-        [0.5] + [v["labeler_win_rate"] for v in served],
-        "o-", color="tab:blue", label="served version",
+    versions = sorted(report["versions"], key=_x)
+    panels = (
+        ("task success (exact match)", 0, 1.02,
+         (("exact_match", "greedy", "tab:blue"), ("exact_match_sampled", "sampled", "tab:cyan"))),
+        ("labeler win rate", 0, 1.02,
+         (("labeler_win_rate", "vs v0", "tab:green"),
+          ("labeler_win_rate_vs_sft", "vs SFT-only", "tab:purple"))),
+        ("RM held-out accuracy", 0, 1.02,
+         (("rm_heldout_accuracy", "RM held-out acc", "tab:orange"),)),
+        ("KL to reference (nats)", None, None, (("kl", "KL", "tab:red"),)),
     )  # fmt: skip
-    for v in served:
-        ax.annotate(v["id"], (v["comparisons_at"], v["labeler_win_rate"]), fontsize=8,
-                    xytext=(3, -10), textcoords="offset points")  # fmt: skip
-    target = report["config"].get("target_win_rate") or 0
-    if target:
-        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("labeler win rate vs v0")
-    ax.set_title(f"labeler {report['config']['labeler']}", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-
-    for ax, key, label in (
-        (axes[1], "rm_heldout_accuracy", "RM held-out accuracy"),
-        (axes[2], "kl", "KL to reference (nats)"),
-    ):
-        for status, marker, color in (
-            ("promoted", "o", "tab:green"),
-            ("rejected", "x", "tab:red"),
-        ):
-            pts = [
-                (v["comparisons_at"], v[key])
-                for v in versions
-                if v["status"] == status and _finite(v.get(key))
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker, color=color, label=status)
-        ax.set_ylabel(label)
-        ax.legend(loc="best", fontsize=8)
-    axes[1].set_ylim(0, 1.02)
-    axes[2].set_xlabel("comparisons sent when the version appeared")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 11), sharex=True)
+    for ax, (title, lo, hi, series) in zip(axes, panels, strict=True):
+        for key, label, color in series:
+            for status, (marker, line) in STYLES.items():
+                pts = [
+                    (_x(v), v[key])
+                    for v in versions
+                    if (v["status"] == status or (status == "promoted" and v["id"] == "v0"))
+                    and _finite(v.get(key))
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker=marker, ls=line, color=color,
+                            label=f"{label} ({status})")  # fmt: skip
+        ax.set_ylabel(title, fontsize=8)
+        if lo is not None:
+            ax.set_ylim(lo, hi)
+        ax.legend(loc="best", fontsize=7)
+    cfg = report["config"]
+    if cfg.get("target_exact_match"):
+        axes[0].axhline(cfg["target_exact_match"], color="grey", ls="--", lw=1)
+    if cfg.get("target_win_rate"):
+        axes[1].axhline(cfg["target_win_rate"], color="grey", ls="--", lw=1)
+    axes[1].axhline(0.5, color="lightgrey", lw=1)
+    axes[0].set_title(
+        f"labeler {cfg['labeler']}, demonstrations {cfg['demo_prob']:.0%}", fontsize=9
+    )
+    axes[-1].set_xlabel("training comparisons the version was trained on")
     fig.tight_layout()
     path = out_dir / "report.png"
     fig.savefig(path, dpi=110)

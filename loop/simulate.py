@@ -10,16 +10,25 @@ Users are split into training and held-out users by the learner's own stable has
 user id (same fraction and salt as the learner), so the held-out users' feedback only
 ever evaluates (RM held-out accuracy, the gate), as InstructGPT split by customer.
 
-Measuring (InstructGPT's win rate): at the start, while v0 serves, one sample per
-held-out evaluation prompt is recorded from v0 (in LoRA mode v0 can also be pinned
-later). Whenever GetModel reports a new served version, the simulator asks that version
-(pinned by id) for one sample per evaluation prompt and the labeler compares the two:
-a win counts 1, a tie 1/2. ListVersions (Admin API) gives every published version's
-gate result, RM held-out accuracy and KL. Requests for evaluation are not logged.
+Measuring, for every version the learner publishes (ListVersions, Admin API): its
+checkpoint answers the held-out evaluation prompts (evaluate.py: the files in the model
+store that every replica loads), greedily and at --eval-temperature, and
 
-The run ends when a served version reaches --target-win-rate, at --max-minutes, or
---settle-s after the last comparison was sent with no new version; then report.json
-and report.png are written to --out.
+- task success: exact-match rate, greedy and sampled: what a noisy policy cannot fake;
+- labeler win rate vs v0 (InstructGPT's win rate): the labeler compares the version's
+  sample with v0's for each prompt, a win counts 1, a tie 1/2;
+- labeler win rate vs the SFT-only policy of the same round (the paper's PPO vs SFT:
+  does the RM + PPO add anything over SFT on the same demonstrations?);
+- RM held-out accuracy and KL to the reference, from the version's metrics;
+
+each against the training comparisons the version was trained on (the data-efficiency
+curve of report.png). Promoted, rejected and SFT-only versions are all measured.
+
+The run ends when a promoted version reaches every target set (--target-win-rate,
+--target-exact-match), at --max-minutes, --settle-s after the last comparison was sent
+with no new version, or when every simulated user has died (a labeler that raises ends
+its user; the error is counted and shown); then report.json and report.png are written
+to --out.
 """
 
 from __future__ import annotations
@@ -40,8 +49,10 @@ from instructloop.clients import AsyncClient
 from instructloop.clients.admin import AdminClient, default_token
 from instructloop.clients.sdk import default_target
 from instructloop.learner.dataset import user_split  # pure: the split contract, no training
+from instructloop.v1 import admin_pb2
 
 from . import report as report_io
+from .evaluate import Answers, CheckpointDecoder
 from .labelers import check_ranking, compare, load_labeler
 from .tasks import make_prompt
 
@@ -101,13 +112,24 @@ class SimulateConfig:
         metadata={"help": "After the last comparison, wait this long for a new version."},
     )
     eval_prompts: int = field(
-        default=100, metadata={"help": "Held-out evaluation prompts for the win rate vs v0."}
+        default=200, metadata={"help": "Held-out evaluation prompts (every measure)."}
     )
     eval_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of the evaluation samples."}
     )
     target_win_rate: float = field(
-        default=0.8, metadata={"help": "Stop once a served version reaches it (0: never)."}
+        default=0.8,
+        metadata={"help": "Target: labeler win rate vs v0 of a promoted version (0: none)."},
+    )
+    target_exact_match: float = field(
+        default=0.6,
+        metadata={
+            "help": "Target: greedy exact-match of a promoted version (0: none). The run "
+            "stops once one promoted version reaches every target set."
+        },
+    )
+    eval_threads: int = field(
+        default=1, metadata={"help": "torch threads for decoding the evaluation prompts."}
     )
     poll_s: float = field(default=2.0, metadata={"help": "How often to check the served version."})
     seed: int = field(default=0, metadata={"help": "Seed of prompts, users and demonstrations."})
@@ -122,6 +144,7 @@ class Stats:
     demonstrations: int = 0
     errors: int = 0
     last_error: str = ""
+    dead_users: int = 0  # user loops ended by an error that is not the server's (a labeler's)
 
 
 class Simulation:
@@ -142,8 +165,14 @@ class Simulation:
         self.started = 0  # comparisons begun (a user reserves one before generating)
         self.t0 = time.monotonic()
         self.next_slot = self.t0
-        self.v0_samples: list[str] = []
+        self.decoder = CheckpointDecoder(
+            self.eval_prompts, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
+            seed=cfg.seed, threads=cfg.eval_threads,
+        )  # fmt: skip
+        self.answers: dict[str, Answers] = {}  # version id -> its evaluation answers
+        self.infos: dict[str, admin_pb2.VersionInfo] = {}  # version id -> its registry entry
         self.versions: dict[str, dict] = {}  # id -> row (see _refresh_versions)
+        self.failed = ""  # why the run could not go on (every user died)
         self.served: list[dict] = []  # {version, t, comparisons} each time GetModel changed
         self.current = ""
         self.done_sending = asyncio.Event()
@@ -200,58 +229,97 @@ class Simulation:
                 self.stats.errors += 1
                 self.stats.last_error = f"{e.code().name}: {e.details()}"
                 await asyncio.sleep(1.0)
+            except Exception as e:  # noqa: BLE001 - the labeler's bug: this user ends
+                if not ranked:
+                    self.started -= 1
+                self.stats.errors += 1
+                self.stats.dead_users += 1
+                self.stats.last_error = f"user {user} ended: labeler {type(e).__name__}: {e}"
+                if self.stats.dead_users >= cfg.concurrency:
+                    self.failed = f"every simulated user has died; last: {self.stats.last_error}"
+                    self.stop.set()
+                return
 
     # ------------------------------------------------------------------- measuring
 
-    async def sample_eval(self, client: AsyncClient, version: str) -> list[str | None]:
-        """One sample per evaluation prompt from `version` (pinned), not logged."""
-        sem = asyncio.Semaphore(8)
+    def _evaluate(self, vid: str) -> None:
+        """Decode the evaluation prompts with version vid's checkpoint (blocking)."""
+        info = self.infos[vid]
+        base = self.infos.get(info.base_model) if info.kind == "lora" else None
+        self.answers[vid] = self.decoder.answers(info.path, base.path if base else None)
 
-        async def one(i: int, prompt: str) -> str | None:
-            async with sem:
-                try:
-                    r = await client.generate(
-                        prompt, n=1, max_tokens=self.cfg.max_tokens,
-                        temperature=self.cfg.eval_temperature, seed=self.cfg.seed + i,
-                        user_id=self.heldout_users[i % len(self.heldout_users)], log=False,
-                        version=version,
-                    )  # fmt: skip
-                except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        return None  # the version stopped serving meanwhile
-                    raise
-                return r.samples[0].text if r.version == version else None
-
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(self.eval_prompts))))
-
-    async def record_v0(self, client: AsyncClient) -> None:
-        samples = await self.sample_eval(client, "v0")
-        if any(s is None for s in samples):
-            raise RuntimeError(
-                f"v0 is not loaded on the server (it serves {self.current}): the win rate "
-                "needs v0's samples. Roll back first (instructloop models rollback v0), use a "
-                "fresh --data-dir, or run the loop in LoRA mode (up --enable-lora) to pin v0"
-            )
-        self.v0_samples = samples  # type: ignore[assignment]
-
-    def win_rate(self, samples: list[str | None]) -> tuple[float, int]:
+    def win_rate(self, answers: Answers, against: Answers) -> float:
+        """The labeler's win rate of one set of samples against another (ties 1/2)."""
         outcomes = [
-            compare(self.labeler, p, s, v0)
-            for p, s, v0 in zip(self.eval_prompts, samples, self.v0_samples, strict=True)
-            if s is not None
+            compare(self.labeler, p, a, b)
+            for p, a, b in zip(self.eval_prompts, answers.sampled, against.sampled, strict=True)
         ]
-        return (sum(outcomes) / len(outcomes) if outcomes else float("nan")), len(outcomes)
+        return sum(outcomes) / len(outcomes)
+
+    def sft_of(self, row: dict) -> str | None:
+        """The SFT-only version of a candidate's round: its reference (None before SFT)."""
+        ref = row.get("reference_round")
+        if not ref:
+            return None
+        return next(
+            (v["id"] for v in self.versions.values() if v["status"] == "sft" and v["round"] == ref),
+            None,
+        )
+
+    async def measure(self) -> None:
+        """Measure every version not yet measured: v0 first, then in publishing order."""
+        for vid in sorted(self.versions, key=_vnum):
+            row = self.versions[vid]
+            if row["eval_n"] or row["status"] == "sft-weights":
+                continue
+            try:
+                await asyncio.to_thread(self._evaluate, vid)
+            except OSError as e:  # the store is not at the path the registry names, here
+                row["eval_n"] = -1  # not measured; not tried again
+                self.stats.errors += 1
+                self.stats.last_error = f"cannot read {vid}'s checkpoint: {e}"
+                continue
+            ans = self.answers[vid]
+            row["exact_match"], row["exact_match_sampled"] = ans.exact_match(self.eval_prompts)
+            row["eval_n"] = len(self.eval_prompts)
+            row["evaluated_at_s"] = round(self.elapsed(), 1)
+            if "v0" in self.answers and vid != "v0":
+                row["labeler_win_rate"] = self.win_rate(ans, self.answers["v0"])
+            sft = self.sft_of(row) if row["status"] != "sft" else None
+            if sft is not None and (sft in self.answers or self.versions[sft]["eval_n"] >= 0):
+                if sft not in self.answers:
+                    await asyncio.to_thread(self._evaluate, sft)
+                row["sft_version"] = sft
+                row["labeler_win_rate_vs_sft"] = self.win_rate(ans, self.answers[sft])
+            self._check_targets(row)
+
+    def _check_targets(self, row: dict) -> None:
+        cfg = self.cfg
+        if row["status"] != "promoted" or self.reached is not None:
+            return
+        goals = {"labeler_win_rate": cfg.target_win_rate, "exact_match": cfg.target_exact_match}
+        goals = {k: v for k, v in goals.items() if v}
+        if goals and all((row.get(k) or 0.0) >= v for k, v in goals.items()):
+            self.reached = {
+                "version": row["id"], "win_rate": row.get("labeler_win_rate"),
+                "exact_match": row.get("exact_match"),
+                "comparisons": row["comparisons_at"], "seconds": row["seen_at_s"],
+            }  # fmt: skip
+            self.stop.set()
 
     def _refresh_versions(self, admin: AdminClient) -> None:
         listing = admin.list_versions()
         for v in listing.versions:
+            self.infos[v.id] = v
             row = self.versions.get(v.id)
             if row is None:
                 m = dict(v.metrics)
                 if v.kind == "base":
                     status = "base"
+                elif m.get("sft_only"):
+                    status = "sft"  # the SFT-only policy of a round: never a candidate
                 elif "win_rate" not in m:
-                    status = "sft-weights"  # LoRA mode: the full weights under an adapter
+                    status = "sft-weights"  # LoRA mode, before SFT-only versions were marked
                 else:
                     status = "promoted" if v.gate.passed else "rejected"
                 row = self.versions[v.id] = {
@@ -261,13 +329,19 @@ class Simulation:
                     "demonstrations_at": self.stats.demonstrations,
                     "seen_at_s": round(self.elapsed(), 1),
                     "round": m.get("round"), "feedback_seq": m.get("feedback_seq"),
+                    "reference_round": m.get("reference_round"),
+                    "comparisons_used": m.get("comparisons_total"),
+                    "demonstrations_used": m.get("demonstrations_total"),
                     "rm_comparisons": m.get("rm_comparisons"),
                     "sft_demonstrations": m.get("sft_demonstrations"),
                     "rm_heldout_accuracy": m.get("rm_heldout_accuracy"),
                     "rm_heldout_pairs": m.get("rm_heldout_pairs"),
                     "kl": m.get("kl"), "gate_win_rate": m.get("win_rate"),
+                    "gate_threshold": v.gate.measures.get("win_rate_threshold"),
                     "round_seconds": m.get("round_seconds"),
-                    "labeler_win_rate": None, "eval_n": 0,
+                    "exact_match": None, "exact_match_sampled": None,
+                    "labeler_win_rate": None, "labeler_win_rate_vs_sft": None,
+                    "sft_version": None, "eval_n": 0,
                 }  # fmt: skip
             row["aliases"] = list(v.aliases)
 
@@ -284,25 +358,9 @@ class Simulation:
                         "version": model.version, "t": round(self.elapsed(), 1),
                         "comparisons": self.stats.comparisons,
                     })  # fmt: skip
-                    await asyncio.to_thread(self._refresh_versions, admin)
-                    row = self.versions.get(model.version)
-                    if row is not None and model.version != "v0" and not row["eval_n"]:
-                        samples = await self.sample_eval(client, model.version)
-                        row["labeler_win_rate"], row["eval_n"] = self.win_rate(samples)
-                        row["evaluated_at_s"] = round(self.elapsed(), 1)
-                        rate = row["labeler_win_rate"]
-                        if (
-                            cfg.target_win_rate and self.reached is None
-                            and row["eval_n"] >= len(self.eval_prompts) // 2
-                            and rate >= cfg.target_win_rate
-                        ):  # fmt: skip
-                            self.reached = {
-                                "version": model.version, "win_rate": rate,
-                                "comparisons": row["comparisons_at"],
-                                "seconds": row["seen_at_s"],
-                            }  # fmt: skip
-                            self.stop.set()
                 last_ok = self.elapsed()
+                show()
+                await self.measure()
             except grpc.RpcError as e:
                 self.stats.errors += 1
                 self.stats.last_error = f"{e.code().name}: {e.details()}"
@@ -327,8 +385,8 @@ class Simulation:
                 model = await client.get_model()
                 self.current = model.version
                 self.served.append({"version": model.version, "t": 0.0, "comparisons": 0})
-                await self.record_v0(client)
                 await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
+                await self.measure()  # v0 (and whatever is there already)
                 self.t0 = self.next_slot = time.monotonic()  # the clock starts with traffic
                 for row in self.versions.values():
                     row["seen_at_s"] = 0.0  # there before the run
@@ -345,13 +403,22 @@ class Simulation:
                     self.stop.set()
                     await asyncio.gather(*users, return_exceptions=True)
                 await asyncio.to_thread(self._refresh_versions, admin)
+                if not self.failed:
+                    await self.measure()  # what appeared since the last look
         return self.report()
 
     def report(self) -> dict:
+        promoted = [v for v in self.versions.values() if v["status"] == "promoted"]
         best = max(
-            (v for v in self.versions.values() if v["labeler_win_rate"] is not None),
+            (v for v in promoted if v["exact_match"] is not None),
+            key=lambda v: (v["exact_match"], v["labeler_win_rate"] or 0.0), default=None,
+        )  # fmt: skip
+        best_win = max(
+            (v for v in promoted if v["labeler_win_rate"] is not None),
             key=lambda v: v["labeler_win_rate"], default=None,
         )  # fmt: skip
+        keys = ("id", "exact_match", "exact_match_sampled", "labeler_win_rate",
+                "labeler_win_rate_vs_sft", "comparisons_at", "comparisons_used")  # fmt: skip
         return {
             "config": asdict(self.cfg),
             "seconds": round(self.elapsed(), 1),
@@ -360,18 +427,24 @@ class Simulation:
             "demonstrations": self.stats.demonstrations,
             "errors": self.stats.errors,
             "last_error": self.stats.last_error,
+            "dead_users": self.stats.dead_users,
+            "failed": self.failed,
             "train_users": len(self.train_users),
             "heldout_users": len(self.heldout_users),
             "reached_target": self.reached,
-            "best": best and {k: best[k] for k in ("id", "labeler_win_rate", "comparisons_at")},
+            "best": best and {k: best[k] for k in keys},
+            "best_win_rate": best_win and {k: best_win[k] for k in keys},
             "served": self.served,
             "versions": sorted(
                 self.versions.values(), key=lambda v: (v["seen_at_s"], _vnum(v["id"]))
             ),
-            "eval": [
-                {"prompt": p, "v0": s}
-                for p, s in zip(self.eval_prompts, self.v0_samples, strict=True)
-            ],
+            "eval": {
+                "prompts": self.eval_prompts,
+                "answers": {
+                    vid: {"greedy": a.greedy, "sampled": a.sampled}
+                    for vid, a in self.answers.items()
+                },
+            },
         }
 
 

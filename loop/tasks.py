@@ -1,7 +1,8 @@
 """The default task set: short instructions with one correct answer.
 
-A prompt is "TASK: INPUT\\n" and its answer is the text after the newline, the format the
-default tiny model's tokenizer was trained on (instructloop.tinymodel.synthetic_corpus):
+A prompt is "TASK: INPUT\\n" and its answer is the text after the newline. The default
+base (instructloop.pretrain) saw this format only in worksheets, followed by more
+instructions, never by an answer: demonstrations and comparisons teach it to answer.
 
     reverse: abc\\n        -> cba
     sort: d b a\\n         -> a b d

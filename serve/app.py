@@ -61,16 +61,15 @@ def setup_logging(fmt: str, level: str) -> None:
 
 
 def ensure_model(cfg: ServerConfig) -> Path:
-    """The model directory; the default tiny model is built on first use."""
+    """The model directory; the default base is copied (or pretrained) on first use."""
     path = cfg.model_dir
     if (path / "config.json").exists():
         return path
     if cfg.model:
         raise SystemExit(f"error: --model {path} is not an HF model directory (no config.json)")
-    from instructloop.tinymodel import build_tiny_model
+    from instructloop.pretrain import ensure_base
 
-    log.info("building the default tiny model in %s", path)
-    return build_tiny_model(path)
+    return ensure_base(path)
 
 
 def admin_token(cfg: ServerConfig) -> str:

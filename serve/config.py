@@ -56,8 +56,8 @@ class ServerConfig:
     model: str = field(
         default="",
         metadata={
-            "help": "HF-format model directory to serve. Empty: DATA_DIR/models/tiny, "
-            "built on first start (instructloop init-model)."
+            "help": "HF-format model directory to serve. Empty: DATA_DIR/models/base, the "
+            "default base, pretrained here on first start (instructloop init-model)."
         },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
@@ -133,4 +133,4 @@ class ServerConfig:
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.model) if self.model else Path(self.data_dir) / "models" / "tiny"
+        return Path(self.model) if self.model else Path(self.data_dir) / "models" / "base"

@@ -1,6 +1,6 @@
 """Shared fixtures: real parts only.
 
-- `tiny_model`: the default policy built locally (no downloads), once per session.
+- `tiny_model`: a random-init policy built locally (no downloads), once per session.
 - `redis_server`: a real redis-server on an ephemeral loopback port with AOF.
 - `server`: the real instructloop server as a subprocess (real vLLM engine on CPU),
   started once per session against `redis_server`.

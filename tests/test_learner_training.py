@@ -10,7 +10,7 @@ import torch
 from conftest import saved_dtypes
 
 from instructloop.learner import device, synthetic
-from instructloop.learner.dataset import Comparison, Dataset, DatasetConfig
+from instructloop.learner.dataset import Comparison, Dataset, DatasetConfig, Demonstration
 from instructloop.learner.ppo import PPOConfig, evaluate_policy, gae, train_ppo
 from instructloop.learner.reward import (
     RewardConfig,
@@ -22,6 +22,7 @@ from instructloop.learner.reward import (
     score_texts,
     token_values,
     train_reward_model,
+    with_demonstrations,
 )
 
 # 2 shared cores: one torch thread is several times faster than two under load.
@@ -44,6 +45,19 @@ def test_kwise_loss_matches_a_hand_computation_and_ties_give_no_pair():
     assert pairs_from_tiers([1, 0]) == [(1, 0)]  # the better answer comes first
     tied_loss, tied_pairs = kwise_loss(torch.tensor([1.0, 3.0]), [0, 0])
     assert tied_pairs == 0 and tied_loss.item() == 0.0
+
+
+def test_a_demonstration_joins_its_prompts_comparison_as_the_best_answer():
+    c = Comparison("f1", "p1", "u", "reverse: abc\n", ["cab", " cba ", "x"], [1, 0, 2])
+    other = Comparison("f2", "p2", "u", "sort: b a\n", ["a b", "b a"], [0, 1])
+    demos = [Demonstration("d1", "p1", "u", "reverse: abc\n", "cba")]
+    (joined, untouched), n = with_demonstrations([c, other], demos)
+    assert n == 1 and untouched is other
+    # the demonstration first, tied with the sample that says the same; the rest move down
+    assert joined.answers == ["cba", "cab", " cba ", "x"]
+    assert joined.tiers == [0, 2, 0, 3]
+    assert pairs_from_tiers(joined.tiers) == [(0, 1), (0, 3), (2, 1), (1, 3), (2, 3)]
+    assert c.tiers == [1, 0, 2]  # the stored comparison is not changed
 
 
 def test_kwise_batch_forwards_each_answer_once(tiny_model):

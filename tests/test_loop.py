@@ -1,14 +1,16 @@
 """The whole loop, as a user runs it: `instructloop up`, then simulated users.
 
 Real parts only: `instructloop up` as a subprocess (its embedded redis-server, the real
-server on vLLM, the real learner training SFT -> RM -> PPO on the tiny model), and the
-simulator talking to it through the public gRPC API and the Admin API. A short version
-of the README's run: a few hundred comparisons and a couple of rounds.
+server on vLLM, the real learner training SFT -> RM -> PPO on the pretrained base), and
+the simulator talking to it through the public gRPC API and the Admin API. A short
+version of the README's runs: a few hundred comparisons and a couple of rounds, on the
+default base (the shipped weights that `up` copies into its data dir).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -17,19 +19,19 @@ from pathlib import Path
 
 import pytest
 
+from instructloop.cli import main as instructloop_main
 from instructloop.clients import Client
 from instructloop.clients.admin import AdminClient
-from instructloop.loop.labelers import compare, correct_concise, shouting
+from instructloop.learner.config import RoundConfig
+from instructloop.loop.labelers import brief, compare, correct_concise, shouting, vowels
 from instructloop.loop.simulate import SimulateConfig, Simulation
 from instructloop.loop.tasks import answer
 from instructloop.redis_embedded import free_port
 
 UP_TIMEOUT_S = 420
-# Faster rounds than `up`'s defaults: a test has minutes, not twenty of them.
-LEARN_ARGS = (
-    "--min-comparisons 100 --max-wait-s 60 --ppo-iterations 4 "
-    "--gate-prompts 16 --gate-samples-per-prompt 1"
-)
+# Faster rounds than `up`'s defaults: a test has minutes, not twenty of them. The gate
+# keeps the learner's default threshold (asserted below).
+LEARN_ARGS = "--min-comparisons 100 --max-wait-s 60 --ppo-iterations 8"
 GREEDY_PROMPTS = ["reverse: abc\n", "sort: d b a\n", "uppercase: the day\n"]
 
 
@@ -42,6 +44,34 @@ def test_labelers_rank_by_their_own_preference():
     assert compare(shouting, prompt, "cba", "CBA") == 0.0  # the other preference
     assert compare(shouting, prompt, "AB", "CD") == 0.5  # a tie counts half
     assert shouting.demonstrate(prompt) == "CBA"
+    assert compare(brief, prompt, "ab", "abcd") == 1.0 and compare(brief, prompt, "", "ab") == 0.0
+    assert compare(vowels, prompt, "aei", "xyz") == 1.0 and compare(vowels, prompt, "", "z") == 0.0
+    assert not hasattr(brief, "demonstrate") and not hasattr(vowels, "demonstrate")
+
+
+def broken_labeler(prompt, samples):
+    raise ZeroDivisionError("this labeler always fails")
+
+
+def test_simulate_counts_a_labeler_that_raises_and_stops_when_every_user_has_died(server, tmp_path):
+    """A labeler's exception ends its user, is counted and shown, and once every user
+    has died the run stops at once with exit code 1 instead of idling to --max-minutes."""
+    t0 = time.monotonic()
+    code = instructloop_main([
+        "simulate", "--target", server.target, "--data-dir", str(server.log_path.parent),
+        "--labeler", f"{__name__}:broken_labeler", "--users", "30", "--concurrency", "3",
+        "--rate", "0", "--eval-prompts", "20", "--max-minutes", "5", "--no-live",
+        "--out", str(tmp_path / "sim"),
+    ])  # fmt: skip
+    assert code == 1
+    assert time.monotonic() - t0 < 120  # it did not wait for --max-minutes
+    report = json.loads((tmp_path / "sim" / "report.json").read_text())
+    assert report["dead_users"] == 3 and report["errors"] >= 3
+    assert "every simulated user has died" in report["failed"]
+    assert "ZeroDivisionError: this labeler always fails" in report["last_error"]
+    assert report["comparisons"] == 0
+    v0 = next(v for v in report["versions"] if v["id"] == "v0")
+    assert v0["exact_match"] == 0.0 and v0["eval_n"] == 20  # measured before traffic
 
 
 def _start_up(data: Path, port: int, metrics_port: int) -> tuple[subprocess.Popen, Path]:
@@ -89,7 +119,7 @@ def _wait_version(client: Client, version: str, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def test_up_simulate_promotes_hot_swaps_beats_v0_rollback_restores_and_up_resumes(tmp_path):
+def test_up_simulate_aligns_the_base_by_exact_match_rollback_restores_and_up_resumes(tmp_path):
     data = tmp_path / "loop"
     port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
@@ -101,24 +131,57 @@ def test_up_simulate_promotes_hot_swaps_beats_v0_rollback_restores_and_up_resume
 
             cfg = SimulateConfig(
                 target=target, data_dir=str(data), users=30, rate=0, concurrency=4,
-                max_comparisons=400, max_minutes=6, settle_s=90, eval_prompts=60,
-                target_win_rate=0.6, poll_s=1.0, out=str(tmp_path / "sim"), live=False,
+                max_comparisons=400, max_minutes=9, settle_s=120, eval_prompts=200,
+                target_win_rate=0, target_exact_match=0.5, poll_s=1.0,
+                out=str(tmp_path / "sim"), live=False,
             )  # fmt: skip
-            report = asyncio.run(Simulation(cfg).run())
+            sim = Simulation(cfg)
+            report = asyncio.run(sim.run())
+            versions = {v["id"]: v for v in report["versions"]}
 
-            promoted = [v for v in report["versions"] if v["status"] == "promoted"]
+            # The base does not follow the task format: greedy exact-match <= 10%.
+            base_em = versions["v0"]["exact_match"]
+            assert base_em <= 0.1, versions["v0"]
+            promoted = [v for v in versions.values() if v["status"] == "promoted"]
             assert promoted, f"no version passed the gate: {report['versions']}"
+            # Every promotion passed the learner's default gate, not a lowered one.
+            default = RoundConfig().win_rate_threshold
+            assert all(v["gate_threshold"] == default for v in promoted), promoted
+            assert all(v["gate_win_rate"] > default for v in promoted), promoted
+            # A margin that noise cannot explain: the binomial standard error of a rate
+            # on 200 prompts is at most 0.035, so 0.15 is more than 4 of them (and the
+            # base's 0-10% leaves no room for luck on its side).
+            best = max(promoted, key=lambda v: v["exact_match"])
+            assert best["exact_match"] >= base_em + 0.15, report["versions"]
+            # The round's SFT-only policy was published and measured against.
+            assert any(v["status"] == "sft" for v in versions.values()), report["versions"]
+            assert any(v["labeler_win_rate_vs_sft"] is not None for v in promoted), promoted
             served = [s["version"] for s in report["served"]]
             assert served[0] == "v0" and len(served) > 1, f"never hot-swapped: {served}"
-            best = report["best"]
-            assert best is not None and best["labeler_win_rate"] > 0.5, report["versions"]
-            assert best["id"] in {v["id"] for v in promoted}
-            new_version = client.get_model().version
-            assert new_version != "v0"
 
             with AdminClient(target, token=(data / "admin-token").read_text().strip()) as admin:
-                # Freeze first: a round still running must not promote over the rollback.
-                admin.freeze(reason="test: keep v0")
+                # Freeze first: a round still running must not promote over the checks.
+                admin.freeze(reason="test: hold the served version")
+                time.sleep(2)  # a promotion in flight has reached the server
+                current = client.get_model().version
+                assert current != "v0"
+                if current not in sim.answers:
+                    sim._refresh_versions(admin)
+                    sim._evaluate(current)
+                # The measures decode what the server serves: the checkpoint's greedy
+                # answers (transformers) are the server's (vLLM).
+                prompts = sim.eval_prompts[:40]
+                served_greedy = [
+                    client.generate(p, n=1, temperature=0, max_tokens=16, log=False)
+                    .samples[0].text.strip()
+                    for p in prompts
+                ]  # fmt: skip
+                same = sum(
+                    a == b.strip()
+                    for a, b in zip(served_greedy, sim.answers[current].greedy, strict=False)
+                )
+                assert same >= 0.9 * len(prompts), (served_greedy, sim.answers[current].greedy)
+
                 admin.rollback("v0", reason="test: back to the base model")
                 _wait_version(client, "v0")
                 assert _greedy(client) == v0_greedy  # v0's outputs are back

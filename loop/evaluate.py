@@ -1,0 +1,119 @@
+"""Task measures of a version, read from its checkpoint: what a right answer rate is.
+
+A win rate against v0 says only that a version is preferred to the base; against a base
+that prints noise, anything less noisy wins. So every version is also measured on what a
+user of the task set cares about, a right answer:
+
+- exact match, greedy: the share of held-out evaluation prompts whose greedy answer is
+  exactly the correct one (loop/tasks.py `answer`; surrounding whitespace ignored);
+- exact match at the evaluation temperature: the same for one sample per prompt, the
+  samples the labeler win rates are computed on.
+
+The checkpoint is the version's directory in the model store (VersionInfo.path; a LoRA
+adapter is applied over its base version's weights), the same files every replica
+loads, decoded with transformers on CPU: so versions that never serve (the SFT-only
+policy of a round, rejected candidates) are measured the same way as served ones. The
+loop test checks that this decoding gives the server's own greedy answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tasks import answer
+
+
+@dataclass
+class Answers:
+    """One version's answers to the evaluation prompts."""
+
+    greedy: list[str]
+    sampled: list[str]
+
+    def exact_match(self, prompts: Sequence[str]) -> tuple[float, float]:
+        """(greedy, sampled) exact-match rates on `prompts`."""
+        return exact_match(prompts, self.greedy), exact_match(prompts, self.sampled)
+
+
+def is_correct(prompt: str, text: str) -> bool:
+    target = answer(prompt)
+    return target is not None and text.strip() == target
+
+
+def exact_match(prompts: Sequence[str], texts: Sequence[str]) -> float:
+    if not prompts:
+        return float("nan")
+    return sum(is_correct(p, t) for p, t in zip(prompts, texts, strict=True)) / len(prompts)
+
+
+class CheckpointDecoder:
+    """Decodes the evaluation prompts with a version's checkpoint (transformers, CPU)."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        threads: int = 1,
+        batch_size: int = 64,
+    ):
+        import torch
+
+        self.prompts = list(prompts)
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
+        self.batch_size = batch_size
+        torch.set_num_threads(threads)
+
+    def load(self, path: str | Path, base_path: str | Path | None = None):
+        """The model and tokenizer of a full checkpoint, or of an adapter over base_path."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if base_path is not None:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+            tokenizer = AutoTokenizer.from_pretrained(base_path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        return model.eval(), tokenizer
+
+    def answers(self, path: str | Path, base_path: str | Path | None = None) -> Answers:
+        import torch
+
+        model, tokenizer = self.load(path, base_path)
+        torch.manual_seed(self.seed)  # the same sampling noise for every version
+        greedy = self._decode(model, tokenizer, sample=False)
+        sampled = self._decode(model, tokenizer, sample=self.temperature > 0)
+        return Answers(greedy, sampled)
+
+    def _decode(self, model, tokenizer, sample: bool) -> list[str]:
+        import torch
+
+        out: list[str] = []
+        for i in range(0, len(self.prompts), self.batch_size):
+            chunk = self.prompts[i : i + self.batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True)
+            kwargs = (
+                {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+                if sample
+                else {"do_sample": False}
+            )
+            with torch.no_grad():
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=self.max_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **kwargs,
+                )  # [B, prompt + new]
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        return out
