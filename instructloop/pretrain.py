@@ -19,11 +19,12 @@ situation in miniature, with nothing downloaded:
 progress bar, deterministically for a given seed and step count, and writes an HF
 directory atomically (vLLM serves it on CPU: head_dim 64).
 
-The defaults take about 20 minutes on 2 cores, longer than a first start should wait, so
-the package ships their result (`SHIPPED_BASE`, 2.5 MB of float32 safetensors, made by
-`instructloop init-model instructloop/base --force` with the defaults; its
-`instructloop_base.json` records the config, the time and the first losses, which a test
-reproduces). `ensure_base` copies it into a data dir, or pretrains when it is absent.
+The defaults take about 19 minutes (one thread on a 2-core machine), longer than a first
+start should wait, so the package ships their result (`SHIPPED_BASE`, 2.4 MB of float32
+safetensors, made with the defaults, as by `instructloop init-model instructloop/base
+--force`; its `instructloop_base.json` records the config, the time and the first losses,
+which a test reproduces). `ensure_base` copies it into a data dir, or pretrains when it is
+absent.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class PretrainConfig:
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
     max_steps: int = field(
-        default=2000,
-        metadata={"help": "Optimizer steps (the cosine schedule's length): ~5 min on 2 cores."},
+        default=6000,
+        metadata={
+            "help": "Optimizer steps (the cosine schedule's length): ~19 min on one thread "
+            "(2,000 steps: ~5 min, a weaker base)."
+        },
     )
     seconds: float = field(
         default=0.0,
@@ -77,7 +81,10 @@ class PretrainConfig:
             "A time limit makes the result depend on the machine's speed."
         },
     )
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+    threads: int = field(
+        default=1,
+        metadata={"help": "torch threads (0: torch's default); the shipped base used one."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the corpus, weights and order."})
 
     def shape(self) -> TinyModelConfig:

@@ -13,8 +13,10 @@ import pytest
 
 from instructloop.loop.tasks import answer, make_prompt
 from instructloop.pretrain import (
+    SHIPPED_BASE,
     PretrainConfig,
     build_char_tokenizer,
+    ensure_base,
     pretrain_base,
     pretraining_corpus,
 )
@@ -90,3 +92,25 @@ def test_pretraining_is_deterministic_and_writes_a_loadable_base(tmp_path):
     cfg_json = json.loads((a / "config.json").read_text())
     assert cfg_json["hidden_size"] // cfg_json["num_attention_heads"] == 64  # vLLM on CPU
     assert model.config.vocab_size == 262
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_shipped_base_is_what_the_script_makes_with_its_defaults(tmp_path):
+    """The shipped weights came from `instructloop init-model` with PretrainConfig's
+    defaults: their record names that config, and a short run of the script with it
+    repeats the recorded first steps (the schedule's warm-up does not depend on the run's
+    length). ensure_base copies them into a data dir."""
+    shipped = json.loads((SHIPPED_BASE / "instructloop_base.json").read_text())
+    default = PretrainConfig()
+    assert shipped["pretrain"] == default.__dict__ and shipped["steps"] == default.max_steps
+    recorded = shipped["first_losses"]
+    short = PretrainConfig(**{**default.__dict__, "max_steps": len(recorded), "threads": 1})
+    again = pretrain_base(tmp_path / "short", short, progress=False)
+    losses = json.loads((again / "instructloop_base.json").read_text())["first_losses"]
+    assert losses == pytest.approx(recorded, abs=1e-4)
+
+    dest = ensure_base(tmp_path / "data" / "models" / "base")
+    assert (dest / "model.safetensors").read_bytes() == (
+        SHIPPED_BASE / "model.safetensors"
+    ).read_bytes()
+    assert ensure_base(dest) == dest  # kept once there
