@@ -36,8 +36,10 @@ class Keys:
         return f"{self.prefix}:judged:{prompt_id}:{user_id}:{kind}"
 
     def idempotency(self, user_id: str, key: str) -> str:
-        """'<content hash> <feedback id>' for a client-chosen idempotency key."""
-        return f"{self.prefix}:idem:{user_id}:{key}"
+        """'<content hash> <feedback id>' for a client-chosen idempotency key. The user id's
+        length comes first, so no (user, key) pair shares a key with another: user "a"
+        with key "b:c" is idem:1:a:b:c, user "a:b" with key "c" is idem:3:a:b:c."""
+        return f"{self.prefix}:idem:{len(user_id)}:{user_id}:{key}"
 
     # ---- model registry ----------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from .versions import VersionFollower
 log = logging.getLogger("instructloop.serve")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["InstructLoop"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+# Health of prompt and feedback logging alone: NOT_SERVING while Redis does not answer.
+LOGGING_HEALTH = "instructloop.logging"
 HEALTH_INTERVAL_S = 5.0
 SHUTDOWN_GRACE_S = 10.0
 
@@ -94,10 +96,13 @@ async def _watch_health(
     store: LogStore,
     metrics: Metrics,
 ) -> None:
-    """SERVING while the engine answers. Redis being down degrades the service (prompts
-    are not logged, feedback is UNAVAILABLE) but does not take the replica out of a load
-    balancer; it shows in instructloop_redis_up and the logs."""
+    """The service is SERVING while the engine answers. Redis being down degrades it
+    (prompts are not logged, feedback is UNAVAILABLE) but does not take the replica out of
+    a load balancer: it shows as NOT_SERVING under LOGGING_HEALTH, in
+    instructloop_redis_up and in the logs. Each ping has the Redis deadline, so a Redis
+    that stops answering cannot stall this loop."""
     last = None
+    last_logging = None
     while True:
         try:
             await engine.check_health()
@@ -108,9 +113,14 @@ async def _watch_health(
         try:
             await store.ping()
             metrics.redis_up.set(1)
+            logging_status = health_pb2.HealthCheckResponse.SERVING
         except Unavailable as e:
             metrics.redis_up.set(0)
+            logging_status = health_pb2.HealthCheckResponse.NOT_SERVING
             log.warning("redis unreachable", extra={"error": str(e)})
+        if logging_status != last_logging:
+            await health_servicer.set(LOGGING_HEALTH, logging_status)
+            last_logging = logging_status
         if status != last:
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
@@ -126,7 +136,13 @@ async def serve(cfg: ServerConfig) -> None:
         redis_proc = EmbeddedRedis(Path(cfg.data_dir) / "redis").start()
         redis_url = redis_proc.url
     metrics = Metrics()
-    store = LogStore(redis_url, Keys(cfg.redis_prefix), cfg.prompt_ttl_s)
+    store = LogStore(
+        redis_url,
+        Keys(cfg.redis_prefix),
+        cfg.prompt_ttl_s,
+        timeout_s=cfg.redis_timeout_s,
+        max_connections=cfg.redis_max_connections,
+    )
     # Bind both ports before the engine's slow start, so nothing can take them meanwhile.
     server = grpc.aio.server(
         interceptors=[AdminAuthInterceptor(admin_token(cfg))],

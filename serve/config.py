@@ -57,7 +57,7 @@ class ServerConfig:
         default="",
         metadata={
             "help": "HF-format model directory to serve. Empty: DATA_DIR/models/base, the "
-            "default base, pretrained here on first start (instructloop init-model)."
+            "default base, copied from the shipped weights on first start."
         },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
@@ -71,6 +71,20 @@ class ServerConfig:
         metadata={
             "help": "Redis to log to, e.g. redis://host:6379/0. Empty: start an embedded "
             "redis-server with AOF persistence in DATA_DIR/redis."
+        },
+    )
+    redis_timeout_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "Deadline of each Redis call, in seconds: a Redis that stops answering "
+            "costs a Generate at most this long (then logged=false), feedback UNAVAILABLE."
+        },
+    )
+    redis_max_connections: int = field(
+        default=64,
+        metadata={
+            "help": "Redis connections per replica; calls beyond it wait (within "
+            "--redis-timeout-s) for a free one."
         },
     )
     redis_prefix: str = field(

@@ -9,15 +9,25 @@ refuses a second judgement of the same kind (comparison or demonstration) by
 the same user of the same prompt, and otherwise appends
 the record to the feedback stream and remembers the judgement. The script's reply comes
 only after Redis has applied (and, with appendfsync always, persisted) the write.
+
+Every call has a deadline (`timeout_s`): a Redis that accepts connections but does not
+answer (SIGSTOP, an fsync stall, a long script, a blackholed path) costs a caller at most
+that long, then Unavailable; Generate answers with logged=false. Connections come from a
+bounded pool that waits for a free connection (within the same deadline) instead of
+failing with "Too many connections".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,39 +90,56 @@ def content_hash(req: api_pb2.SubmitFeedbackRequest) -> str:
 class LogStore:
     """Async Redis access for the server: log prompts, look them up, accept feedback."""
 
-    def __init__(self, url: str, keys: Keys, prompt_ttl_s: int):
+    def __init__(
+        self,
+        url: str,
+        keys: Keys,
+        prompt_ttl_s: int,
+        timeout_s: float = 2.0,
+        max_connections: int = 64,
+    ):
         self.keys = keys
         self.prompt_ttl_s = prompt_ttl_s
-        self.redis = aioredis.Redis.from_url(
+        self.timeout_s = timeout_s
+        pool = BlockingConnectionPool.from_url(
             url,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+            max_connections=max_connections,
+            timeout=timeout_s,  # wait for a free connection at most this long
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
             health_check_interval=10,
-            socket_connect_timeout=5,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
 
-    async def ping(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _call(self, what: str) -> AsyncIterator[None]:
+        """One Redis call under the deadline; any failure becomes Unavailable(what ...)."""
         try:
-            await self.redis.ping()
+            async with asyncio.timeout(self.timeout_s):
+                yield
+        except TimeoutError as e:
+            raise Unavailable(f"{what}: Redis did not answer within {self.timeout_s:g}s") from e
         except RedisError as e:
-            raise Unavailable(f"Redis is unreachable: {e}") from e
+            raise Unavailable(f"{what}: {e}") from e
+
+    async def ping(self) -> None:
+        async with self._call("Redis is unreachable"):
+            await self.redis.ping()
 
     async def log_prompt(self, record: records_pb2.PromptRecord) -> None:
         data = record.SerializeToString()
-        try:
+        async with self._call("could not log the prompt to Redis"):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
                 pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
                 await pipe.execute()
-        except RedisError as e:
-            raise Unavailable(f"could not log the prompt to Redis: {e}") from e
 
     async def get_prompt(self, prompt_id: str) -> records_pb2.PromptRecord:
-        try:
+        async with self._call("Redis is unreachable"):
             data = await self.redis.get(self.keys.prompt(prompt_id))
-        except RedisError as e:
-            raise Unavailable(f"Redis is unreachable: {e}") from e
         if data is None:
             raise NotFound(
                 f"prompt {prompt_id} is unknown or expired (prompts accept feedback for "
@@ -134,10 +161,8 @@ class LogStore:
             self.keys.feedback_stream,
         ]
         args = [record.feedback_id, record.SerializeToString(), content_hash(req)]
-        try:
+        async with self._call("could not store feedback in Redis"):
             status, fid = await self._submit(keys=keys, args=args)
-        except RedisError as e:
-            raise Unavailable(f"could not store feedback in Redis: {e}") from e
         status, fid = status.decode(), fid.decode()
         if status == "ok":
             return FeedbackResult(fid, duplicate=False)
@@ -156,4 +181,4 @@ class LogStore:
         )
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)

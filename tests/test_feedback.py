@@ -79,6 +79,21 @@ def test_idempotent_retry_returns_the_first_result_and_stores_once(client, serve
     assert "idempotency key" in err.value.details()
 
 
+def test_idempotency_keys_of_different_users_never_collide(client, server, redis_server):
+    # User "a" with key "b:c" and user "a:b" with key "c" once shared one Redis key, so the
+    # second user's first judgement was refused as a reused key.
+    gen = client.generate("uppercase: hello", n=2, max_tokens=4)
+    s = _ids(gen)
+    first = client.rank(gen.prompt_id, s, user_id="idem-a", idempotency_key="b:c")
+    other = client.rank(gen.prompt_id, s[::-1], user_id="idem-a:b", idempotency_key="c")
+    assert not other.duplicate and other.feedback_id != first.feedback_id
+    stored = feedback_records(redis_server, server)
+    assert {stored[first.feedback_id].feedback.user_id, stored[other.feedback_id].feedback.user_id} == {
+        "idem-a",
+        "idem-a:b",
+    }
+
+
 def _generate_bad(client, **overrides):
     request = api_pb2.GenerateRequest(prompt="hi", n=1)
     for path, value in overrides.items():

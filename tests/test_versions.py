@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from conftest import start_servers, stop_server
 
@@ -278,6 +279,27 @@ def test_admin_calls_need_the_credential(fleet):
     with pytest.raises(grpc.RpcError) as err:
         fleet.admin.get_version("v404")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_admin_statuses_name_the_failure_and_never_echo_a_huge_field(fleet):
+    # A registry entry that cannot be parsed is a bug or corruption, not an outage: INTERNAL,
+    # not UNAVAILABLE ("safe to retry"), as the public service says.
+    r = sync_redis.Redis.from_url(fleet.redis_url)
+    r.hset(Keys(PREFIX).versions, "v-corrupt", b"\xff not a VersionInfo")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            fleet.admin.list_versions()
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        r.hdel(Keys(PREFIX).versions, "v-corrupt")
+        r.close()
+    assert fleet.admin.list_versions().aliases["current"]
+    huge = "v" * 500_000
+    with pytest.raises(grpc.RpcError) as err:
+        fleet.admin.promote(huge)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version is 500000 characters" in err.value.details()
+    assert len(err.value.details()) < 200
 
 
 def _arena_judgements(fleet: Fleet, canary: str, current: str, prefer_canary: bool, count: int):
