@@ -2,7 +2,9 @@
 
 Each field becomes `--field-name`, typed from its default, with its metadata help. A
 field whose value is itself a dataclass contributes that dataclass's fields. The
-environment variable INSTRUCTLOOP_<FIELD_NAME> overrides the default.
+environment variable INSTRUCTLOOP_<FIELD_NAME> overrides the default. A field whose
+metadata says `secret` (a token, a URL that may carry a password) never shows its value
+in --help, only where it came from.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if dataclasses.is_dataclass(default):
             add_dataclass_arguments(parser, type(default))
             continue
-        env = os.environ.get(f"INSTRUCTLOOP_{f.name.upper()}")
+        env_name = f"INSTRUCTLOOP_{f.name.upper()}"
+        env = os.environ.get(env_name)
         kind = _bool if isinstance(default, bool) else type(default)
         if env is not None:
             default = kind(env)
+        shown = "%(default)s"
+        if f.metadata.get("secret"):
+            shown = f"${env_name}, set" if env is not None else ("set" if default else "none")
         if kind is _bool:
             group.add_argument(
                 f"--{f.name.replace('_', '-')}",
@@ -50,7 +56,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             type=kind,
             default=default,
             metavar=f.name.upper(),
-            help=f"{f.metadata.get('help', '')} (default: %(default)s)",
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
         )
 
 

@@ -41,6 +41,11 @@ class Keys:
         with key "b:c" is idem:1:a:b:c, user "a:b" with key "c" is idem:3:a:b:c."""
         return f"{self.prefix}:idem:{len(user_id)}:{user_id}:{key}"
 
+    @property
+    def learner_lease(self) -> str:
+        """The single learner's lease: '<holder> <suffix>', with a TTL it keeps renewing."""
+        return f"{self.prefix}:learner:lease"
+
     # ---- model registry ----------------------------------------------------------------
 
     @property

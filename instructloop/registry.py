@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import WatchError
 
 from instructloop.keys import DATA_FIELD, Keys
-from instructloop.store import ModelStore
+from instructloop.store import Manifest, ModelStore
 from instructloop.v1 import admin_pb2, records_pb2
 
 CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
@@ -335,6 +335,37 @@ class Registry:
         )
 
 
+def version_info(manifest: Manifest, store: ModelStore) -> admin_pb2.VersionInfo:
+    """The registry entry of a version in the store, from its manifest."""
+    gate = manifest.gate or {}
+    info = admin_pb2.VersionInfo(
+        id=manifest.id, parent=manifest.parent, kind=manifest.kind,
+        base_model=manifest.base_model, path=str(store.path(manifest.id)),
+        metrics=manifest.metrics, checksum=manifest.checksum,
+        feedback_count=len(manifest.feedback_ids),
+        gate=admin_pb2.Gate(
+            passed=bool(gate.get("passed", False)), reason=str(gate.get("reason", "")),
+            measures={k: float(v) for k, v in gate.items() if isinstance(v, int | float)
+                      and not isinstance(v, bool)},
+        ),
+    )  # fmt: skip
+    info.created.FromNanoseconds(int(manifest.created * 1e9))
+    return info
+
+
+async def ensure_registered(
+    registry: Registry, store: ModelStore, manifest: Manifest, actor: str
+) -> bool:
+    """Register a stored version if the registry does not know it (a publisher killed
+    between the store write and the registry write). True if it was missing."""
+    try:
+        await registry.get(manifest.id)
+        return False
+    except UnknownVersion:
+        await registry.register(version_info(manifest, store), actor)
+        return True
+
+
 async def publish_version(
     registry: Registry,
     store: ModelStore,
@@ -357,18 +388,6 @@ async def publish_version(
         store.publish, src_dir, version_id, parent=parent, kind=kind, base_model=base_model,
         feedback_ids=list(feedback_ids), metrics=metrics or {}, gate=gate or {},
     )  # fmt: skip
-    gate = manifest.gate or {}
-    info = admin_pb2.VersionInfo(
-        id=manifest.id, parent=manifest.parent, kind=manifest.kind,
-        base_model=manifest.base_model, path=str(store.path(manifest.id)),
-        metrics=manifest.metrics, checksum=manifest.checksum,
-        feedback_count=len(manifest.feedback_ids),
-        gate=admin_pb2.Gate(
-            passed=bool(gate.get("passed", False)), reason=str(gate.get("reason", "")),
-            measures={k: float(v) for k, v in gate.items() if isinstance(v, int | float)
-                      and not isinstance(v, bool)},
-        ),
-    )  # fmt: skip
-    info.created.FromNanoseconds(int(manifest.created * 1e9))
+    info = version_info(manifest, store)
     await registry.register(info, actor)
     return info

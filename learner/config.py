@@ -25,8 +25,9 @@ class LearnerConfig:
     redis_url: str = field(
         default="",
         metadata={
+            "secret": True,
             "help": "Redis holding the streams and the registry (the server's). Empty: the "
-            "server's embedded Redis, unix://$INSTRUCTLOOP_DATA_DIR/redis/redis.sock."
+            "server's embedded Redis, unix://$INSTRUCTLOOP_DATA_DIR/redis/redis.sock.",
         },
     )
     redis_prefix: str = field(
@@ -47,6 +48,24 @@ class LearnerConfig:
     split_salt: str = field(
         default="instructloop-split-v1",
         metadata={"help": "Salt of the user hash; changing it reshuffles the split."},
+    )
+    lease_ttl_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "TTL of the single-learner lease in Redis, renewed every third of it; a "
+            "second learner waits, and takes over at most this long after the first dies."
+        },
+    )
+    round_retry_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "Wait after a round that failed (ENOSPC, OOM, a corrupt version...) before "
+            "the next try; it doubles with each consecutive failure, up to "
+            "--round-retry-max-s. Every failure is recorded in DATA_DIR/failed-rounds.jsonl."
+        },
+    )
+    round_retry_max_s: float = field(
+        default=1800.0, metadata={"help": "Longest wait between tries of a failing round."}
     )
     max_rounds: int = field(
         default=0, metadata={"help": "Exit after this many published rounds (0 = never)."}

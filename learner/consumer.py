@@ -5,10 +5,12 @@ only after its record is committed to the dataset (dataset.py), so:
   - a learner killed before the commit leaves the entry pending: it is delivered again;
   - a learner killed after the commit but before the XACK gets it again too, and the
     idempotent insert (primary key prompt_id / feedback_id) stores it once.
-On start the consumer first re-reads its own pending entries (XREADGROUP from id 0), then
-takes over entries left pending by other consumers for longer than `claim_min_idle_ms`
-(XAUTOCLAIM). Entries that cannot be parsed go to the dataset's dead_letters table and are
-acknowledged: one bad record must not block the stream forever.
+On start, and every `claim_interval_s` while it runs, the consumer re-reads its own
+pending entries (XREADGROUP from id 0), then takes over entries left pending by other
+consumers for longer than `claim_min_idle_ms` (XAUTOCLAIM), and removes consumers that
+hold nothing and have been idle that long (the group's consumer list stays bounded).
+Entries that cannot be parsed go to the dataset's dead_letters table and are acknowledged:
+one bad record must not block the stream forever.
 
 The loop is one visible `while`: read a batch, persist, ack, until `stop` is set (SIGTERM
 handling belongs to the entry point, which sets the event; the current batch finishes).
@@ -17,8 +19,6 @@ handling belongs to the entry point, which sets the event; the current batch fin
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -43,8 +43,11 @@ class ConsumerConfig:
         metadata={"help": "Consumer group name; every learner of a deployment shares it."},
     )
     consumer: str = field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        metadata={"help": "This consumer's name inside the group (unique per process)."},
+        default="learner",
+        metadata={
+            "help": "This consumer's name inside the group. One learner runs at a time (the "
+            "lease), so a restart keeps the name and re-reads its own pending entries at once."
+        },
     )
     batch_size: int = field(
         default=256, metadata={"help": "Entries read per stream per XREADGROUP call."}
@@ -57,6 +60,13 @@ class ConsumerConfig:
         metadata={
             "help": "Pending entries of other consumers idle this long are taken over "
             "(XAUTOCLAIM): their consumer is presumed dead."
+        },
+    )
+    claim_interval_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "How often the running learner re-reads its own pending entries and "
+            "takes over other consumers' stale ones (not only at start)."
         },
     )
 
@@ -153,9 +163,20 @@ class StreamConsumer:
                 stats.add(self._persist_and_ack(stream, entries))
                 if cursor in (b"0-0", "0-0"):
                     break
+            self._forget_idle_consumers(stream)
         if stats.entries:
             log.info("recovered %d pending entries: %s", stats.entries, stats)
         return stats
+
+    def _forget_idle_consumers(self, stream: str) -> None:
+        for c in self.r.xinfo_consumers(stream, self.cfg.group):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if (
+                name != self.cfg.consumer
+                and not c["pending"]
+                and (c["idle"] >= self.cfg.claim_min_idle_ms)
+            ):
+                self.r.xgroup_delconsumer(stream, self.cfg.group, name)
 
     # ------------------------------------------------------------------ steady state
 

@@ -13,6 +13,10 @@ it is already publishing, which is short and completes). Nothing is acknowledged
 persisted, and a version is visible only once completely written, so a learner killed
 at any moment (even SIGKILL) restarts without losing or double-counting feedback.
 
+One learner runs per deployment: it holds a lease in Redis (lease.py) and a second one
+waits for it. While it runs, it re-reads its pending entries and claims stale ones of
+other consumers every --claim-interval-s, not only at start.
+
 Everything the learner owns lives under --data-dir: the dataset (dataset.sqlite3), the
 round state (state.json) and the reward models and SFT policies of recent rounds.
 """
@@ -20,9 +24,12 @@ round state (state.json) and the reward models and SFT policies of recent rounds
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +47,9 @@ from instructloop.learner.config import (
 from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
 from instructloop.learner.dataset import Dataset, DatasetConfig
 from instructloop.learner.device import resolve_device
+from instructloop.learner.lease import LearnerLease
 from instructloop.learner.rounds import Learner, RoundAbandoned
+from instructloop.redact import redact_url
 from instructloop.registry import Registry
 from instructloop.store import ModelStore
 
@@ -98,15 +107,25 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(
         "learner %s: redis %s prefix %r, store %s, data %s, device %s; state: round %d",
-        cfgs.consumer.consumer, cfg.resolved_redis_url, cfg.redis_prefix, cfg.model_store,
-        data_dir, cfg.device, learner.state.round,
+        cfgs.consumer.consumer, redact_url(cfg.resolved_redis_url), cfg.redis_prefix,
+        cfg.model_store, data_dir, cfg.device, learner.state.round,
     )  # fmt: skip
+    lease = LearnerLease(client, keys.learner_lease, cfgs.consumer.consumer, cfg.lease_ttl_s)
     published = 0
+    failures = FailedRounds(data_dir / "failed-rounds.jsonl", cfg.round_retry_s,
+                            cfg.round_retry_max_s)  # fmt: skip
     try:
+        if not lease.acquire(stop):
+            return 0
+        store.gc_tmp()  # publishes a killed learner left half-written
         consumer.ensure_groups()
         consumer.recover()
+        last_claim = time.monotonic()
         while not stop.is_set():
             try:
+                if time.monotonic() - last_claim >= cfgs.consumer.claim_interval_s:
+                    consumer.recover()
+                    last_claim = time.monotonic()
                 stats = consumer.poll()
                 if stats.new_prompts or stats.new_feedback:
                     log.info(
@@ -114,13 +133,20 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
                         stats.new_prompts, stats.new_feedback, stats.duplicates,
                     )  # fmt: skip
                 reason = learner.due()
-                if reason is None:
+                if reason is None or not failures.may_retry():
                     continue
                 # Read the backlog to the end first: a judgement read before its prompt
                 # (the two streams are read in batches) would miss this round.
                 while not stop.is_set() and consumer.poll(block_ms=0).entries:
                     pass
-                result = learner.run_round(reason, stop)
+                try:
+                    result = learner.run_round(reason, stop)
+                except (RoundAbandoned, redis.ConnectionError):
+                    raise
+                except Exception as e:  # a failing round must not become a crash loop
+                    failures.failed(learner.state.round + 1, e)
+                    continue
+                failures.succeeded()
                 if result is not None:
                     published += 1
                     if cfg.max_rounds and published >= cfg.max_rounds:
@@ -132,12 +158,50 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
                 log.warning("redis unavailable (%s); retrying", e)
                 stop.wait(1.0)
     finally:
+        lease.release()
         loop.run_until_complete(aclient.aclose())
         loop.close()
         client.close()
         dataset.close()
+    if lease.lost.is_set():
+        log.error("learner stopped: it lost its lease")
+        return 1
     log.info("learner stopped")
     return 0
+
+
+class FailedRounds:
+    """Backoff and a dead-letter file for rounds that fail: the learner keeps consuming
+    (nothing is lost meanwhile), waits `base_s`, then twice that, ... up to `max_s`
+    before the next try, and appends each failure (round, error, traceback, attempt, next
+    try) to one JSON line of `path`. A round that succeeds resets the wait."""
+
+    def __init__(self, path: Path, base_s: float, max_s: float):
+        self.path, self.base_s, self.max_s = path, base_s, max_s
+        self.consecutive = 0
+        self.retry_at = 0.0
+
+    def may_retry(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def succeeded(self) -> None:
+        self.consecutive, self.retry_at = 0, 0.0
+
+    def failed(self, round_no: int, error: Exception) -> None:
+        self.consecutive += 1
+        wait = min(self.max_s, self.base_s * 2 ** (self.consecutive - 1))
+        self.retry_at = time.monotonic() + wait
+        log.exception(
+            "round %d failed (%d in a row): %s; next try in %.0fs (recorded in %s)",
+            round_no, self.consecutive, error, wait, self.path,
+        )  # fmt: skip
+        record = {
+            "round": round_no, "at": time.time(), "attempt": self.consecutive,
+            "error": f"{type(error).__name__}: {error}"[:2000],
+            "traceback": traceback.format_exc()[-4000:], "retry_in_s": wait,
+        }  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _request_stop(stop: threading.Event, signum: int) -> None:

@@ -51,7 +51,13 @@ from instructloop.learner.gate import evaluate_gate
 from instructloop.learner.ppo import PPOStopped, load_policy, train_ppo
 from instructloop.learner.reward import train_reward_model
 from instructloop.learner.sft import run_sft
-from instructloop.registry import CURRENT, Frozen, Registry, publish_version
+from instructloop.registry import (
+    CURRENT,
+    Frozen,
+    Registry,
+    ensure_registered,
+    publish_version,
+)
 from instructloop.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -365,9 +371,17 @@ class Learner:
         m = found[-1]
         log.warning("round %d: %s was published before a crash; adopting it", n, m.id)
         promoted = frozen = False
+        sft_ids = [
+            v.id for v in round_versions if v.metrics.get("sft_only") and v.parent == m.parent
+        ]
 
         async def promote() -> None:
             nonlocal promoted, frozen
+            # A crash between the store write and the registry write left it unregistered.
+            for v in round_versions:
+                mine = v.id == m.id or v.id in sft_ids
+                if mine and await ensure_registered(self.registry, self.store, v, "learner"):
+                    log.warning("round %d: registered %s (stored, not registered)", n, v.id)
             if not m.gate.get("passed") or await self.registry.alias(CURRENT) != m.parent:
                 return
             try:
@@ -382,9 +396,6 @@ class Learner:
         self._await(promote())
         seq = int(m.metrics["feedback_seq"])
         sft_ran = m.metrics.get("sft_demonstrations", 0) > 0 and (work / "sft").is_dir()
-        sft_ids = [
-            v.id for v in round_versions if v.metrics.get("sft_only") and v.parent == m.parent
-        ]
         self._commit(
             n, work, seq, sft_ran, m.metrics.get("rm_comparisons", 0) > 0, m.id,
             sft_ids[-1] if sft_ids else "",

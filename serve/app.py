@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from instructloop.keys import Keys
+from instructloop.redact import redact_url
 from instructloop.redis_embedded import EmbeddedRedis
 from instructloop.registry import Registry, now_ts
 from instructloop.store import ModelStore
@@ -202,7 +203,7 @@ async def serve(cfg: ServerConfig) -> None:
             "replica": follower.replica_id,
             "mode": follower.mode,
             "store": str(model_store.root),
-            "redis": redis_url,
+            "redis": redact_url(redis_url),
             "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "",
         },
     )

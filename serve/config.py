@@ -69,8 +69,9 @@ class ServerConfig:
     redis_url: str = field(
         default="",
         metadata={
+            "secret": True,
             "help": "Redis to log to, e.g. redis://host:6379/0. Empty: start an embedded "
-            "redis-server with AOF persistence in DATA_DIR/redis."
+            "redis-server with AOF persistence in DATA_DIR/redis.",
         },
     )
     redis_timeout_s: float = field(
@@ -105,8 +106,9 @@ class ServerConfig:
     admin_token: str = field(
         default="",
         metadata={
+            "secret": True,
             "help": "Credential for the Admin service (env INSTRUCTLOOP_ADMIN_TOKEN). Empty: "
-            "read DATA_DIR/admin-token, creating it (mode 0600) with a random token."
+            "read DATA_DIR/admin-token, creating it (mode 0600) with a random token.",
         },
     )
     enable_lora: bool = field(

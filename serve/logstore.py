@@ -131,11 +131,13 @@ class LogStore:
 
     async def log_prompt(self, record: records_pb2.PromptRecord) -> None:
         data = record.SerializeToString()
-        async with self._call("could not log the prompt to Redis"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
-                pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
-                await pipe.execute()
+        async with (
+            self._call("could not log the prompt to Redis"),
+            self.redis.pipeline(transaction=True) as pipe,
+        ):
+            pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
+            pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
+            await pipe.execute()
 
     async def get_prompt(self, prompt_id: str) -> records_pb2.PromptRecord:
         async with self._call("Redis is unreachable"):

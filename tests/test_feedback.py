@@ -88,10 +88,8 @@ def test_idempotency_keys_of_different_users_never_collide(client, server, redis
     other = client.rank(gen.prompt_id, s[::-1], user_id="idem-a:b", idempotency_key="c")
     assert not other.duplicate and other.feedback_id != first.feedback_id
     stored = feedback_records(redis_server, server)
-    assert {stored[first.feedback_id].feedback.user_id, stored[other.feedback_id].feedback.user_id} == {
-        "idem-a",
-        "idem-a:b",
-    }
+    users = {stored[f.feedback_id].feedback.user_id for f in (first, other)}
+    assert users == {"idem-a", "idem-a:b"}
 
 
 def _generate_bad(client, **overrides):

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,6 +158,17 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     state = json.loads((tmp_path / "learner" / "state.json").read_text())
     assert state["round"] == 1 and state["last_version"] == "v1" and state["rm_dir"]
 
+    # A crash between the store write and the registry write: v1 is in the store only,
+    # and `current` never moved. The restart registers it and promotes it, once.
+    (tmp_path / "learner" / "state.json").unlink()
+    r.hdel(keys.versions, "v1")
+    r.hset(keys.aliases, "current", "v0")
+    assert run(configs(tmp_path, url, prefix, **PERMISSIVE)) == 0
+    assert [m.id for m in store.list()] == ["v1"] and current() == "v1"
+    assert registry_call(url, prefix, lambda reg: reg.get("v1")).checksum == m1.checksum
+    registered = [a.to_version for a in audit(url, prefix) if a.action == "register"]
+    assert registered.count("v1") == 2  # first publish, then the restart's repair
+
     # ---- round 2, impossible gate: registered as rejected, `current` stays; trained on
     # the new comparisons only (warm-started RM, one epoch over what is new)
     data2 = synthetic.preference_data(40, k=4, n_users=20, seed=11)
@@ -182,6 +194,40 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     assert [m.id for m in store.list()] == ["v1", "v2", "v3"]
     state = json.loads((tmp_path / "learner" / "state.json").read_text())
     assert state["round"] == 3 and state["last_version"] == "v3"
+
+
+def test_a_failing_round_backs_off_and_is_recorded_instead_of_crashing(redis_server, tmp_path):
+    url, prefix = redis_server.url, "failing"
+    r, keys = redis_server.client(), Keys(prefix)
+    broken = tmp_path / "not-a-model"  # the serving version cannot be loaded
+    broken.mkdir()
+    register_base(url, prefix, broken)
+    xadd(r, keys, synthetic.preference_data(30, k=4, n_users=20, seed=3))
+    cfgs = configs(tmp_path, url, prefix, **PERMISSIVE)
+    cfgs.learner.round_retry_s = 0.2
+    dead = tmp_path / "learner" / "failed-rounds.jsonl"
+    stop = threading.Event()
+
+    def stop_after_three_failures():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stop.is_set():
+            if dead.exists() and len(dead.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        stop.set()
+
+    watcher = threading.Thread(target=stop_after_three_failures)
+    watcher.start()
+    assert run(cfgs, stop) == 0  # the process lives on
+    watcher.join()
+    records = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [x["attempt"] for x in records[:3]] == [1, 2, 3]
+    assert [x["retry_in_s"] for x in records[:3]] == [0.2, 0.4, 0.8]
+    assert all(x["round"] == 1 and x["error"] for x in records)
+    gaps = [b["at"] - a["at"] for a, b in zip(records, records[1:3], strict=False)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4
+    assert ModelStore(tmp_path / "store").list() == []
+    assert r.xpending(keys.feedback_stream, "learner")["pending"] == 0  # consumed meanwhile
 
 
 def test_learn_resolves_the_device_once_and_refuses_an_unknown_one(capsys):
