@@ -12,6 +12,10 @@ hold nothing and have been idle that long (the group's consumer list stays bound
 Entries that cannot be parsed go to the dataset's dead_letters table and are acknowledged:
 one bad record must not block the stream forever.
 
+Streams are trimmed (`trim`, with each claim pass): entries older than
+`stream_retention_s`, and only up to the oldest entry the group has not acknowledged
+(pending) or not yet read, so trimming never drops what the learner has not stored.
+
 The loop is one visible `while`: read a batch, persist, ack, until `stop` is set (SIGTERM
 handling belongs to the entry point, which sets the event; the current batch finishes).
 """
@@ -62,6 +66,13 @@ class ConsumerConfig:
             "(XAUTOCLAIM): their consumer is presumed dead."
         },
     )
+    stream_retention_s: float = field(
+        default=24 * 3600.0,
+        metadata={
+            "help": "Acknowledged stream entries older than this are trimmed from Redis (the "
+            "dataset keeps them); an entry not yet acknowledged is never trimmed."
+        },
+    )
     claim_interval_s: float = field(
         default=30.0,
         metadata={
@@ -84,6 +95,11 @@ class ConsumeStats:
     def add(self, other: ConsumeStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (value.decode() if isinstance(value, bytes) else value).partition("-")
+    return int(ms), int(seq or 0)
 
 
 class StreamConsumer:
@@ -167,6 +183,37 @@ class StreamConsumer:
         if stats.entries:
             log.info("recovered %d pending entries: %s", stats.entries, stats)
         return stats
+
+    def trim(self, now_ms: int | None = None) -> int:
+        """XTRIM MINID each stream below both the retention cutoff and the oldest entry
+        the group still needs (pending, or after its last-delivered id); returns how many
+        entries went."""
+        if now_ms is None:  # Redis's clock: the one that stamped the entry ids
+            seconds, micros = self.r.time()
+            now_ms = seconds * 1000 + micros // 1000
+        cutoff = now_ms - int(self.cfg.stream_retention_s * 1000)
+        removed = 0
+        for stream in self.streams:
+            groups = {
+                (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]): g
+                for g in self.r.xinfo_groups(stream)
+            }
+            group = groups.get(self.cfg.group)
+            if group is None:
+                continue
+            needed = _stream_id(group["last-delivered-id"])
+            needed = (needed[0], needed[1] + 1)  # everything after it is unread
+            oldest_pending = self.r.xpending(stream, self.cfg.group)["min"]
+            if oldest_pending is not None:
+                needed = min(needed, _stream_id(oldest_pending))
+            keep_from = min(needed, (max(cutoff, 0), 0))
+            removed += self.r.xtrim(
+                stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False
+            )
+        if removed:
+            log.info("trimmed %d acknowledged entries older than %.0fs", removed,
+                     self.cfg.stream_retention_s)  # fmt: skip
+        return removed
 
     def _forget_idle_consumers(self, stream: str) -> None:
         for c in self.r.xinfo_consumers(stream, self.cfg.group):

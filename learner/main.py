@@ -125,6 +125,7 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
             try:
                 if time.monotonic() - last_claim >= cfgs.consumer.claim_interval_s:
                     consumer.recover()
+                    consumer.trim()
                     last_claim = time.monotonic()
                 stats = consumer.poll()
                 if stats.new_prompts or stats.new_feedback:

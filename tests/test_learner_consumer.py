@@ -209,3 +209,28 @@ def test_run_loop_consumes_live_entries_and_stops_on_the_event(tmp_path, redis_s
     assert not thread.is_alive()
     assert len(reader.comparisons()) == 5
     assert r.xpending(keys.feedback_stream, "learner")["pending"] == 0
+
+
+def test_trim_drops_only_acknowledged_entries_older_than_the_retention(tmp_path, redis_server):
+    r, keys = redis_server.client(), Keys("t4")
+    for p, f in synthetic.preference_data(10, k=2, seed=5):
+        xadd(r, keys.prompts_stream, p)
+        xadd(r, keys.feedback_stream, f)
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3")))
+    kept = ConsumerConfig(consumer="c", batch_size=4, block_ms=10)  # retention: one day
+    consumer = StreamConsumer(r, keys, ds, kept)
+    consumer.ensure_groups()
+    consumer.poll(block_ms=0)  # 4 of each stored and acknowledged
+    r.xreadgroup(kept.group, "crashed", {keys.feedback_stream: ">"}, count=4)  # 4 pending
+    assert consumer.trim() == 0  # all of them are younger than a day
+
+    cfg = ConsumerConfig(consumer="c", batch_size=4, block_ms=10, stream_retention_s=0,
+                         claim_min_idle_ms=0)  # fmt: skip
+    consumer = StreamConsumer(r, keys, ds, cfg)
+    assert consumer.trim() == 4 + 4  # the acknowledged prompts and feedback
+    assert r.xlen(keys.feedback_stream) == 6  # 4 pending + 2 never read stay
+    assert r.xlen(keys.prompts_stream) == 6  # 6 never read stay
+    consumer.drain()  # the pending ones are claimed and stored, the rest read
+    assert ds.counts()["feedback"] == 10 and ds.counts()["prompts"] == 10
+    assert consumer.trim() == 12
+    assert r.xlen(keys.feedback_stream) == 0 and r.xlen(keys.prompts_stream) == 0
