@@ -26,6 +26,19 @@ from instructloop.process import die_with_parent
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
 SERVER_START_TIMEOUT_S = 300
+# Figures a test measured, printed as tables at the end of the run: {title: rows}.
+REPORT_TABLES: dict[str, list[tuple[str, ...]]] = {}
+
+
+def report_row(title: str, *cells: str) -> None:
+    REPORT_TABLES.setdefault(title, []).append(cells)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, rows in REPORT_TABLES.items():
+        terminalreporter.write_sep("-", title)
+        for row in rows:
+            terminalreporter.write_line(" | ".join(row))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,173 @@
+"""Faults against real processes: a real redis-server (AOF) that is stopped, a real server.
+
+Each test adds a row of figures to one table, printed at the end of the run (and kept in
+the README's Operations section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import report_row, start_servers, stop_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from instructloop.clients import AsyncClient, Client
+from instructloop.keys import DATA_FIELD, Keys
+from instructloop.redis_embedded import EmbeddedRedis, free_port
+from instructloop.v1 import records_pb2
+
+PREFIX = "faults"
+REDIS_TIMEOUT_S = 1.0
+STALL_S = 8.0
+CALL_DEADLINE_S = 15.0
+LOGGING_HEALTH = "instructloop.logging"
+POOL = 8  # Redis connections of the server
+ADMITTED = 128  # Generate calls in flight
+TABLE = "faults: what was done | what happened | what must happen"
+
+
+@pytest.fixture(scope="module")
+def rig(tiny_model, tmp_path_factory):
+    """A Redis of its own (it is stopped here) and a server with a 1 s Redis deadline."""
+    work = tmp_path_factory.mktemp("faults")
+    redis = EmbeddedRedis(work / "redis", port=free_port()).start()
+    # A small connection pool and admission limit, so that a burst must wait for both.
+    (server,) = start_servers(tiny_model, redis.url, [work / "server"], PREFIX,
+                              "--redis-timeout-s", str(REDIS_TIMEOUT_S),
+                              "--redis-max-connections", str(POOL),
+                              "--max-concurrent-requests", str(ADMITTED))  # fmt: skip
+    yield redis, server
+    os.kill(redis.proc.pid, signal.SIGCONT)  # never leave it stopped
+    code = stop_server(server)
+    redis.stop()
+    assert code == 0, server.log_tail()
+
+
+def _logged_prompt_ids(redis: EmbeddedRedis) -> set[str]:
+    entries = redis.client().xrange(Keys(PREFIX).prompts_stream)
+    return {records_pb2.PromptRecord.FromString(f[DATA_FIELD]).prompt_id for _, f in entries}
+
+
+def _health(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return reply.status
+
+
+def _wait_health(target: str, service: str, status: int, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if _health(target, service) == status:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"health of {service!r} did not become {status} in {timeout}s")
+
+
+def test_a_stopped_redis_costs_each_call_its_deadline_and_everything_recovers(rig):
+    redis, server = rig
+    calls: list[tuple[float, str, bool]] = []  # (seconds, prompt id, logged)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with Client(server.target, timeout=CALL_DEADLINE_S, max_attempts=1) as c:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    r = c.generate(f"reverse: load{worker}", n=2, max_tokens=4, temperature=1.0)
+                    calls.append((time.monotonic() - start, r.prompt_id, r.logged))
+                except grpc.RpcError as e:
+                    failures.append(e)
+
+    with Client(server.target, timeout=CALL_DEADLINE_S, max_attempts=1) as c:
+        before = c.generate("sort: c b a", n=2, max_tokens=4, temperature=1.0)
+        assert before.logged
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            time.sleep(1.0)
+            with pytest.raises(grpc.RpcError) as err:  # feedback cannot be stored: retry later
+                c.rank(before.prompt_id, [s.sample_id for s in before.samples], user_id="f1")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "did not answer within" in err.value.details()
+            health_after = _wait_health(
+                server.target, LOGGING_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING, STALL_S
+            )
+            assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(max(0.0, STALL_S - (time.monotonic() - stopped_at)))
+            during = list(calls)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        recovered_after = _wait_health(
+            server.target, LOGGING_HEALTH, health_pb2.HealthCheckResponse.SERVING, 30
+        )
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        after = c.generate("sort: c b a", n=2, max_tokens=4, temperature=1.0)
+        assert after.logged
+        c.rank(after.prompt_id, [s.sample_id for s in after.samples], user_id="f1")
+
+    assert not failures, f"calls failed instead of answering unlogged: {failures[:3]}"
+    unlogged = [seconds for seconds, _, logged in during if not logged]
+    assert unlogged, "no call answered during the stall"
+    assert max(seconds for seconds, _, _ in calls) < CALL_DEADLINE_S
+    # The guarantee: a prompt that a response says is logged, is logged.
+    claimed = {pid for _, pid, logged in calls if logged}
+    assert claimed <= _logged_prompt_ids(redis)
+    report_row(
+        TABLE,
+        f"Redis SIGSTOP {STALL_S:g} s under load (4 clients), Redis deadline {REDIS_TIMEOUT_S:g} s",
+        f"{len(calls)} Generate calls answered, 0 failed; {len(unlogged)} unlogged during the "
+        f"stall, slowest {max(unlogged):.2f} s (median {statistics.median(unlogged):.2f} s); "
+        f"feedback UNAVAILABLE; {LOGGING_HEALTH} NOT_SERVING after {1 + health_after:.1f} s; "
+        f"SERVING {recovered_after:.1f} s after SIGCONT; {len(claimed)} claimed logged, "
+        "all in the stream",
+        "each call within its deadline, logged=false; health degraded; recovers",
+    )  # fmt: skip
+
+
+def test_500_concurrent_generates_are_logged_or_refused(rig):
+    redis, server = rig
+    total = 500
+
+    async def burst():
+        async with AsyncClient(server.target, timeout=300, max_attempts=1) as c:
+            return await asyncio.gather(
+                *[c.generate(f"uppercase: burst {i}", n=2, max_tokens=8) for i in range(total)],
+                return_exceptions=True,
+            )
+
+    start = time.monotonic()
+    results = asyncio.run(burst())
+    seconds = time.monotonic() - start
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    others = [r for r in results if isinstance(r, BaseException) and r not in refused]
+    assert not others, others[:3]
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused), refused[:3]
+    assert len(answered) + len(refused) == total and answered
+    unlogged = [r.prompt_id for r in answered if not r.logged]
+    assert not unlogged, f"{len(unlogged)} answered prompts were not logged"
+    assert {r.prompt_id for r in answered} <= _logged_prompt_ids(redis)
+    report_row(
+        TABLE,
+        f"{total} concurrent Generate calls on one replica ({ADMITTED} admitted at once, "
+        f"{POOL} Redis connections)",
+        f"{len(answered)} answered and logged, {len(refused)} RESOURCE_EXHAUSTED, 0 unlogged "
+        f"({seconds:.1f} s)",
+        "every answer logged, or RESOURCE_EXHAUSTED",
+    )  # fmt: skip
