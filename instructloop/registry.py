@@ -34,6 +34,12 @@ return redis.call('HSETNX', KEYS[2], 'decided', '1')
 """
 
 
+# Bounds: the audit stream keeps about this many newest records; a replica's heartbeat
+# is deleted this long after it stopped (a replica that stops cleanly deletes its own).
+AUDIT_MAXLEN = 100_000
+FORGET_REPLICA_S = 24 * 3600.0
+
+
 class RegistryError(Exception):
     """Base class of registry refusals."""
 
@@ -284,11 +290,16 @@ class Registry:
         await self.redis.hset(self.keys.replicas, status.replica_id, status.SerializeToString())
 
     async def replicas(self, max_age_s: float = 60.0) -> list[admin_pb2.ReplicaStatus]:
-        """Replicas that reported within max_age_s."""
+        """Replicas that reported within max_age_s. Heartbeats older than
+        FORGET_REPLICA_S (a replica that died without saying so) are deleted."""
         raw = await self.redis.hgetall(self.keys.replicas)
         now = time.time()
-        live = [admin_pb2.ReplicaStatus.FromString(v) for v in raw.values()]
-        live = [r for r in live if now - r.seen.ToNanoseconds() / 1e9 <= max_age_s]
+        every = [admin_pb2.ReplicaStatus.FromString(v) for v in raw.values()]
+        age = {r.replica_id: now - r.seen.ToNanoseconds() / 1e9 for r in every}
+        dead = [rid for rid, a in age.items() if a > FORGET_REPLICA_S]
+        if dead:
+            await self.redis.hdel(self.keys.replicas, *dead)
+        live = [r for r in every if age[r.replica_id] <= max_age_s]
         return sorted(live, key=lambda r: r.replica_id)
 
     async def forget_replica(self, replica_id: str) -> None:
@@ -322,7 +333,12 @@ class Registry:
             actor=actor, action=action, alias=alias, from_version=old or "",
             to_version=new or "", reason=reason or "", at=now_ts(),
         )  # fmt: skip
-        pipe.xadd(self.keys.audit_stream, {DATA_FIELD: record.SerializeToString()})
+        pipe.xadd(
+            self.keys.audit_stream,
+            {DATA_FIELD: record.SerializeToString()},
+            maxlen=AUDIT_MAXLEN,
+            approximate=True,
+        )
 
     def _event(self, pipe, action: str, alias: str, version: str) -> None:
         event = records_pb2.RegistryEvent(action=action, alias=alias, version=version, at=now_ts())

@@ -31,7 +31,7 @@ from .admin import AdminAuthInterceptor, AdminServicer
 from .config import ServerConfig
 from .engine import EngineError, VllmEngine
 from .errors import Unavailable
-from .logstore import LogStore
+from .logstore import LogStore, RedisSettingsError
 from .metrics import Metrics
 from .servicer import InstructLoopServicer
 from .versions import VersionFollower
@@ -134,7 +134,9 @@ async def serve(cfg: ServerConfig) -> None:
     redis_proc = None
     redis_url = cfg.redis_url
     if not redis_url:
-        redis_proc = EmbeddedRedis(Path(cfg.data_dir) / "redis").start()
+        redis_proc = EmbeddedRedis(
+            Path(cfg.data_dir) / "redis", maxmemory=cfg.embedded_redis_maxmemory
+        ).start()
         redis_url = redis_proc.url
     metrics = Metrics()
     store = LogStore(
@@ -144,6 +146,14 @@ async def serve(cfg: ServerConfig) -> None:
         timeout_s=cfg.redis_timeout_s,
         max_connections=cfg.redis_max_connections,
     )
+    try:
+        for warning in await store.check_settings():
+            log.warning("redis settings: %s", warning)
+    except RedisSettingsError as e:
+        await store.close()
+        if redis_proc is not None:
+            redis_proc.stop()
+        raise SystemExit(f"error: {e}") from None
     # Bind both ports before the engine's slow start, so nothing can take them meanwhile.
     server = grpc.aio.server(
         interceptors=[AdminAuthInterceptor(admin_token(cfg))],

@@ -74,6 +74,13 @@ class ServerConfig:
             "redis-server with AOF persistence in DATA_DIR/redis.",
         },
     )
+    embedded_redis_maxmemory: str = field(
+        default="1gb",
+        metadata={
+            "help": "Memory bound of the embedded Redis (maxmemory, with noeviction: a full "
+            "Redis refuses writes, it never evicts)."
+        },
+    )
     redis_timeout_s: float = field(
         default=2.0,
         metadata={

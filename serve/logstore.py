@@ -69,6 +69,14 @@ return {'ok', ARGV[1]}
 """
 
 
+class RedisSettingsError(Exception):
+    """The Redis is configured in a way that breaks a guarantee of the service."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @dataclass
 class FeedbackResult:
     feedback_id: str
@@ -124,6 +132,41 @@ class LogStore:
             raise Unavailable(f"{what}: Redis did not answer within {self.timeout_s:g}s") from e
         except RedisError as e:
             raise Unavailable(f"{what}: {e}") from e
+
+    async def check_settings(self) -> list[str]:
+        """Warnings about the Redis's durability settings; RedisSettingsError when a setting
+        breaks a guarantee (an eviction policy could evict idempotency and one-judgement
+        keys, and a retried feedback would be stored twice)."""
+        try:
+            async with self._call("could not read the Redis settings"):
+                got = await self.redis.config_get("maxmemory*")  # one pattern: Redis 6
+                got.update(await self.redis.config_get("append*"))
+        except Unavailable as e:
+            return [f"{e}; durability settings not checked"]
+        except Exception as e:  # managed Redis services often forbid CONFIG
+            return [f"could not read the Redis settings ({e}); durability settings not checked"]
+        got = {_text(k): _text(v) for k, v in got.items()}
+        policy = got.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            raise RedisSettingsError(
+                f"Redis evicts keys (maxmemory-policy {policy}): idempotency and one-judgement "
+                "keys could be evicted and a retried feedback stored twice; set "
+                "maxmemory-policy noeviction (a full Redis then refuses writes)"
+            )
+        warnings = []
+        if got.get("appendonly", "yes") != "yes":
+            warnings.append(
+                "Redis runs without AOF (appendonly no): acknowledged feedback is lost if "
+                "Redis crashes; set appendonly yes and appendfsync always"
+            )
+        elif got.get("appendfsync", "always") != "always":
+            warnings.append(
+                f"Redis fsyncs its AOF {got.get('appendfsync')}, not always: a crash can lose "
+                "up to a second of acknowledged feedback; set appendfsync always"
+            )
+        if got.get("maxmemory", "0") == "0":
+            warnings.append("Redis has no maxmemory: it grows until the host runs out of memory")
+        return warnings
 
     async def ping(self) -> None:
         async with self._call("Redis is unreachable"):

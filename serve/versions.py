@@ -55,6 +55,7 @@ class VersionFollower:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._heartbeats = 0
 
     @property
     def mode(self) -> str:
@@ -114,6 +115,9 @@ class VersionFollower:
             if target and target != self.engine.version and self._may_try(target):
                 await self._try(target, self._serve)
             await self._follow_canary()
+            self._heartbeats += 1
+            if self._heartbeats % 100 == 1:  # now and then: forget replicas long dead
+                await self.registry.replicas()
             await self.registry.heartbeat(
                 admin_pb2.ReplicaStatus(
                     replica_id=self.replica_id,

@@ -15,12 +15,13 @@ import time
 
 import grpc
 import pytest
-from conftest import report_row, start_servers, stop_server
+from conftest import launch_server, report_row, start_servers, stop_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instructloop.clients import AsyncClient, Client
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.redis_embedded import EmbeddedRedis, free_port
+from instructloop.serve.logstore import LogStore, RedisSettingsError
 from instructloop.v1 import records_pb2
 
 PREFIX = "faults"
@@ -171,3 +172,39 @@ def test_500_concurrent_generates_are_logged_or_refused(rig):
         f"({seconds:.1f} s)",
         "every answer logged, or RESOURCE_EXHAUSTED",
     )  # fmt: skip
+
+
+def test_a_redis_that_evicts_is_refused_at_start_and_weak_durability_is_warned(
+    tiny_model, tmp_path
+):
+    redis = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        r = redis.client()
+
+        async def check() -> list[str]:
+            store = LogStore(redis.url, Keys(PREFIX), 60)
+            try:
+                return await store.check_settings()
+            finally:
+                await store.close()
+
+        r.config_set("appendfsync", "everysec")
+        r.config_set("maxmemory", "0")
+        warnings = asyncio.run(check())
+        assert any("appendfsync always" in w for w in warnings), warnings
+        assert any("no maxmemory" in w for w in warnings), warnings
+
+        r.config_set("maxmemory-policy", "volatile-lru")
+        with pytest.raises(RedisSettingsError, match="noeviction"):
+            asyncio.run(check())
+        server = launch_server(tiny_model, redis.url, tmp_path / "server", PREFIX)
+        code = server.proc.wait(timeout=300)
+        assert code != 0 and "maxmemory-policy volatile-lru" in server.log_tail()
+    finally:
+        redis.stop()
+    report_row(
+        TABLE,
+        "server started on a Redis with maxmemory-policy volatile-lru; appendfsync everysec",
+        f"refused to start (exit {code}) naming the policy; warned about the fsync",
+        "a clear error, or a warning",
+    )

@@ -25,6 +25,7 @@ from instructloop.clients.admin import AdminClient
 from instructloop.keys import Keys
 from instructloop.registry import Frozen, Registry, publish_version
 from instructloop.store import ModelStore
+from instructloop.v1 import admin_pb2
 from instructloop.variants import full_variant, lora_variant
 
 TOKEN = "test-admin-token"
@@ -293,7 +294,14 @@ def test_admin_statuses_name_the_failure_and_never_echo_a_huge_field(fleet):
     finally:
         r.hdel(Keys(PREFIX).versions, "v-corrupt")
         r.close()
-    assert fleet.admin.list_versions().aliases["current"]
+    # A replica that died without removing its heartbeat is forgotten after a day.
+    stale = admin_pb2.ReplicaStatus(replica_id="r-dead", version="v0")
+    stale.seen.FromSeconds(int(time.time()) - 2 * 24 * 3600)
+    r = sync_redis.Redis.from_url(fleet.redis_url)
+    r.hset(Keys(PREFIX).replicas, "r-dead", stale.SerializeToString())
+    assert "r-dead" not in {x.replica_id for x in fleet.admin.list_versions().replicas}
+    assert not r.hexists(Keys(PREFIX).replicas, "r-dead")
+    r.close()
     huge = "v" * 500_000
     with pytest.raises(grpc.RpcError) as err:
         fleet.admin.promote(huge)
