@@ -175,6 +175,7 @@ async def serve(cfg: ServerConfig) -> None:
         enable_lora=cfg.enable_lora,
         max_lora_rank=cfg.max_lora_rank,
         max_loras=cfg.max_loras,
+        drain_timeout_s=cfg.swap_drain_timeout_s,
     )
     if cfg.cpu_placement:
         _place(redis_proc)

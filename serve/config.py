@@ -128,6 +128,13 @@ class ServerConfig:
         default=5.0,
         metadata={"help": "Registry poll period; pub/sub events act at once, polls catch misses."},
     )
+    swap_drain_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "How long a full-weight swap waits for in-flight requests on the old "
+            "weights; then it ends them with UNAVAILABLE (retry: the new version answers)."
+        },
+    )
     kv_cache_gib: int = field(
         default=1, metadata={"help": "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."}
     )

@@ -191,6 +191,7 @@ class VllmEngine(Engine):
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         max_loras: int = 4,
+        drain_timeout_s: float = 30.0,
     ):
         # vLLM reads these at import/engine start; set them before importing it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -233,6 +234,9 @@ class VllmEngine(Engine):
         self.keep: set[str] = set()  # versions eviction must spare (e.g. the canary)
         self._gate = asyncio.Condition()
         self._swapping = False
+        self.drain_timeout_s = drain_timeout_s
+        self._holders: dict[asyncio.Task, int] = {}  # tasks holding leases -> lease count
+        self._revoked: dict[asyncio.Task, str] = {}  # tasks a swap ended -> why
         log.info("vLLM engine ready in %.1fs (model %s)", time.monotonic() - t0, model)
 
     def encode(self, text: str) -> list[int]:
@@ -251,17 +255,22 @@ class VllmEngine(Engine):
     async def leases(self, pins: Sequence[str | None]) -> AsyncIterator[list[Lease]]:
         # All leases are taken under one hold of the gate: taking them one by one could
         # deadlock against a full swap that waits for the first to be released.
+        task = asyncio.current_task()
         async with self._gate:
             await self._gate.wait_for(lambda: not self._swapping)
             leases = [self._resolve(pin or self.version) for pin in pins]
             for lease in leases:
                 self._in_use[lease.version] += 1
+            self._holders[task] = self._holders.get(task, 0) + 1
         try:
             yield leases
         finally:
             async with self._gate:
                 for lease in leases:
                     self._in_use[lease.version] -= 1
+                self._holders[task] -= 1
+                if not self._holders[task]:
+                    del self._holders[task]
                 self._gate.notify_all()
 
     def _resolve(self, version: str) -> Lease:
@@ -340,7 +349,12 @@ class VllmEngine(Engine):
         async with self._gate:
             await self._gate.wait_for(lambda: not self._swapping)
             self._swapping = True  # from here new requests wait
-            await self._gate.wait_for(lambda: sum(self._in_use.values()) == 0)
+            try:
+                await self._drain(version)
+            except BaseException:
+                self._swapping = False
+                self._gate.notify_all()
+                raise
         try:
             await self._llm.pause_generation(mode="wait")
             try:
@@ -356,6 +370,32 @@ class VllmEngine(Engine):
             async with self._gate:
                 self._swapping = False
                 self._gate.notify_all()
+
+    async def _drain(self, version: str) -> None:
+        """Wait (holding the gate's lock between waits) until no lease is held: at most
+        drain_timeout_s, then end the requests still holding one (a stream whose client
+        stopped reading holds its lease as long as its writes block)."""
+        drained = lambda: sum(self._in_use.values()) == 0  # noqa: E731
+        try:
+            await asyncio.wait_for(self._gate.wait_for(drained), self.drain_timeout_s)
+            return
+        except TimeoutError:
+            pass
+        why = (
+            f"this replica is swapping to {version}, and this request still held the old "
+            f"version after the {self.drain_timeout_s:g}s drain deadline; retry it"
+        )
+        lagging = list(self._holders)
+        log.warning("swap to %s: ending %d request(s) after the drain deadline",
+                    version, len(lagging))  # fmt: skip
+        for task in lagging:
+            self._revoked[task] = why
+            task.cancel()
+        await self._gate.wait_for(drained)
+
+    def take_revoked(self, task: asyncio.Task) -> str | None:
+        """Why a swap ended this task's request (cancelling it), or None if it did not."""
+        return self._revoked.pop(task, None)
 
     async def _reload(self, weights_dir: str) -> None:
         try:

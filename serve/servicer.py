@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import time
 import uuid
@@ -54,7 +53,9 @@ _FINISH = {
 
 
 def _rpc(method):
-    """Map domain errors to gRPC statuses and record metrics, for unary and streaming RPCs."""
+    """Map domain errors to gRPC statuses and record metrics. A request that a full swap
+    ended after its drain deadline (the engine cancelled its task) gets UNAVAILABLE with
+    the reason, not CANCELLED."""
     name = method.__name__
 
     async def fail(self, context, e: Exception):
@@ -72,34 +73,19 @@ def _rpc(method):
         self.metrics.requests.labels(name, code).inc()
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
-            started = time.perf_counter()
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except asyncio.CancelledError:
-                done(self, started, "CANCELLED")
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:
-                await fail(self, context, e)
-            else:
-                done(self, started)
-
-        return stream_wrapper
-
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):
         started = time.perf_counter()
         try:
             result = await method(self, request, context)
         except asyncio.CancelledError:
-            done(self, started, "CANCELLED")
-            raise
+            task = asyncio.current_task()
+            why = self.engine.take_revoked(task)
+            if why is None:  # the client went away, or the server is stopping
+                done(self, started, "CANCELLED")
+                raise
+            task.uncancel()  # a swap ended this request: say so, as UNAVAILABLE
+            await fail(self, context, Unavailable(why))
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -242,8 +228,6 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
     ) -> AsyncIterator[api_pb2.SampleDelta]:
         """Drive the engine (one call per part); abort there if we stop early. With
         stream=False the engine hands over whole samples and nothing is yielded."""
-        self._inflight += 1
-        self.metrics.inflight.inc()
         request_ids = [prompt_id] if len(parts) == 1 else [f"{prompt_id}-{k}" for k in range(2)]
         streams = [
             self.engine.generate(
@@ -266,8 +250,6 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                         )  # fmt: skip
             finished = True
         finally:
-            self._inflight -= 1
-            self.metrics.inflight.dec()
             if not finished:  # client went away or we failed: free the engine's slots
                 for rid in request_ids:
                     await self.engine.abort(rid)
@@ -314,29 +296,41 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         started = time.perf_counter()
         job = self._admit(request)
         prompt_id = _new_id("p")
-        async with self._parts(request, job.spec.n) as parts:
-            acc = _Accumulator(self._versions(parts, job.spec.n))
-            async for delta in self._run(job, prompt_id, acc, parts, stream):
-                yield delta
+        # Counted from admission, so calls waiting for a lease (during a full swap) count
+        # against --max-concurrent-requests too: the queue behind a swap is bounded.
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            async with self._parts(request, job.spec.n) as parts:
+                acc = _Accumulator(self._versions(parts, job.spec.n))
+                async for delta in self._run(job, prompt_id, acc, parts, stream):
+                    yield delta
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
         response = await self._finish(job, prompt_id, acc, parts[-1].lease.version)
         self._log_generate(response, job, started)
         yield response
 
     @_rpc
     async def Generate(self, request, context):
-        *_, response = [item async for item in self._generate(request, stream=False)]
+        async with contextlib.aclosing(self._generate(request, stream=False)) as items:
+            *_, response = [item async for item in items]
         return response
 
     @_rpc
     async def GenerateStream(self, request, context):
-        async for item in self._generate(request, stream=True):
-            if isinstance(item, api_pb2.SampleDelta):
-                yield api_pb2.GenerateStreamResponse(delta=item)
-                continue
-            for s in item.samples:
-                s.text = ""  # the deltas carried it
-                s.ClearField("logprobs")
-            yield api_pb2.GenerateStreamResponse(final=item)
+        # context.write, not yield: a write that blocks (a client that stopped reading)
+        # is then an await of this handler, where a swap's revocation can reach it.
+        async with contextlib.aclosing(self._generate(request, stream=True)) as items:
+            async for item in items:
+                if isinstance(item, api_pb2.SampleDelta):
+                    await context.write(api_pb2.GenerateStreamResponse(delta=item))
+                    continue
+                for s in item.samples:
+                    s.text = ""  # the deltas carried it
+                    s.ClearField("logprobs")
+                await context.write(api_pb2.GenerateStreamResponse(final=item))
 
     def _log_generate(self, response, job, started: float) -> None:
         elapsed = time.perf_counter() - started

@@ -25,11 +25,12 @@ from instructloop.clients.admin import AdminClient
 from instructloop.keys import Keys
 from instructloop.registry import Frozen, Registry, publish_version
 from instructloop.store import ModelStore
-from instructloop.v1 import admin_pb2
+from instructloop.v1 import admin_pb2, api_pb2, api_pb2_grpc
 from instructloop.variants import full_variant, lora_variant
 
 TOKEN = "test-admin-token"
 PREFIX = "fleet"
+DRAIN_S = 3.0  # the replicas' full-swap drain deadline
 PROMPT = "reverse: version"
 GREEDY = {"n": 1, "max_tokens": 12, "temperature": 0.0}
 
@@ -94,7 +95,7 @@ def fleet(tiny_model, redis_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("fleet")
     store = ModelStore(work / "store")
     extra = ("--enable-lora", "--model-store", str(store.root), "--admin-token", TOKEN,
-             "--poll-interval-s", "1")  # fmt: skip
+             "--poll-interval-s", "1", "--swap-drain-timeout-s", str(DRAIN_S))  # fmt: skip
     servers = start_servers(tiny_model, redis_server.url, [work / "r0", work / "r1"], PREFIX,
                             *extra)  # fmt: skip
     f = Fleet(servers, redis_server.url, store, tiny_model)
@@ -345,3 +346,34 @@ def test_arena_win_rate_promotes_or_ends_the_canary(fleet):
     state = fleet.admin.list_versions()
     assert "canary" not in state.aliases, "users preferred current: the canary ends"
     assert state.aliases["current"] == l2
+
+
+def test_a_stream_that_stops_reading_cannot_hold_a_full_swap(fleet):
+    """A GenerateStream client that stops reading holds its lease while the server's writes
+    block; the swap ends it after the drain deadline and the stream says why."""
+    before = fleet.admin.list_versions().aliases["current"]
+    target = next(v for v in fleet.full if v != before)
+    # Without BDP probing the client's flow-control window stays at 64 KiB, so a client
+    # that does not read soon blocks the server's writes.
+    channel = grpc.insecure_channel(fleet.servers[0].target, options=[("grpc.http2.bdp_probe", 0)])
+    stub = api_pb2_grpc.InstructLoopStub(channel)
+    request = api_pb2.GenerateRequest(
+        prompt=PROMPT, n=16,
+        sampling=api_pb2.SamplingParams(max_tokens=512, temperature=1.0, logprobs=20),
+    )  # fmt: skip
+    stream = stub.GenerateStream(request, timeout=300)
+    try:
+        next(stream)  # started: it holds a lease on the current version
+        time.sleep(2.0)  # and stops reading
+        fleet.admin.promote(target, reason="swap under a stalled stream")
+        took = fleet.wait_all_serving(target, timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drain deadline" in err.value.details() and target in err.value.details()
+        assert took < DRAIN_S + 30
+    finally:
+        stream.cancel()
+        channel.close()
+        fleet.promote(before)
