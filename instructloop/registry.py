@@ -8,8 +8,9 @@ stream and publishes a RegistryEvent, so a change is either complete or absent.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -19,6 +20,8 @@ from redis.exceptions import WatchError
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.store import Manifest, ModelStore
 from instructloop.v1 import admin_pb2, records_pb2
+
+log = logging.getLogger(__name__)
 
 CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
 MAX_CANARY_SHARE = 0.5
@@ -134,6 +137,7 @@ class Registry:
             old = await self._watched_alias(pipe, CURRENT)
             if old == version:
                 return self._change(CURRENT, old, version, actor)
+            await self._still_registered(pipe, version)
             pipe.multi()
             pipe.hset(self.keys.aliases, CURRENT, version)
             if old:
@@ -143,7 +147,9 @@ class Registry:
             self._event(pipe, action, CURRENT, version)
             return self._change(CURRENT, old, version, actor)
 
-        return await self._transaction(move, self.keys.aliases, self.keys.freeze)
+        return await self._transaction(
+            move, self.keys.aliases, self.keys.freeze, self.keys.versions
+        )
 
     async def rollback(
         self, actor: str, version: str = "", reason: str = ""
@@ -157,6 +163,7 @@ class Registry:
             target = version or await self._watched_alias(pipe, PREVIOUS)
             if not target:
                 raise NothingToRollBackTo("there is no previous version to roll back to")
+            await self._still_registered(pipe, target)
             pipe.multi()
             pipe.hset(self.keys.aliases, CURRENT, target)
             if old and old != target:
@@ -302,6 +309,21 @@ class Registry:
         live = [r for r in every if age[r.replica_id] <= max_age_s]
         return sorted(live, key=lambda r: r.replica_id)
 
+    async def forget(self, version: str, actor: str, reason: str) -> None:
+        """Unregister a version (retention). Refused, atomically, while an alias names
+        it; a promote that looked it up before cannot then make it an alias target."""
+
+        async def drop(pipe) -> None:
+            raw = await pipe.hgetall(self.keys.aliases)
+            aliases = {v.decode(): k.decode() for k, v in raw.items()}
+            if version in aliases:
+                raise RegistryError(f"{version} is {aliases[version]!r}; it is kept")
+            pipe.multi()
+            pipe.hdel(self.keys.versions, version)
+            self._audit(pipe, actor, "prune", "", version, "", reason)
+
+        await self._transaction(drop, self.keys.aliases, self.keys.versions)
+
     async def forget_replica(self, replica_id: str) -> None:
         await self.redis.hdel(self.keys.replicas, replica_id)
 
@@ -323,6 +345,12 @@ class Registry:
                     return result
                 except WatchError:
                     continue  # someone else moved an alias meanwhile: read again
+
+    async def _still_registered(self, pipe, version: str) -> None:
+        """Inside a transaction that watches the versions hash: a version pruned since it
+        was looked up cannot become an alias target."""
+        if not await pipe.hexists(self.keys.versions, version):
+            raise UnknownVersion(f"version {version!r} is not registered")
 
     async def _watched_alias(self, pipe, name: str) -> str:
         value = await pipe.hget(self.keys.aliases, name)
@@ -380,6 +408,38 @@ async def ensure_registered(
     except UnknownVersion:
         await registry.register(version_info(manifest, store), actor)
         return True
+
+
+async def prune_versions(
+    registry: Registry,
+    store: ModelStore,
+    keep: int,
+    also_keep: Iterable[str] = (),
+    actor: str = "learner",
+) -> list[str]:
+    """Retention: unregister and delete all but the newest `keep` published versions.
+    Never an alias target (current, previous, canary), never `also_keep`, never the full
+    weights a kept LoRA version applies to. Returns the ids removed."""
+    import asyncio
+
+    infos = [i for i in await registry.list() if i.kind != "base"]  # newest first
+    protected = set((await registry.aliases()).values()) | set(also_keep)
+    protected |= {i.id for i in infos[:keep]}
+    protected |= {i.base_model for i in infos if i.id in protected and i.kind == "lora"}
+    removed = []
+    for info in infos:
+        if info.id in protected:
+            continue
+        try:
+            await registry.forget(info.id, actor, f"retention: the newest {keep} are kept")
+        except RegistryError as e:  # became an alias target meanwhile
+            log.info("not pruning %s: %s", info.id, e)
+            continue
+        await asyncio.to_thread(store.delete, info.id)
+        removed.append(info.id)
+    if removed:
+        log.info("pruned %d version(s): %s", len(removed), ", ".join(removed))
+    return removed
 
 
 async def publish_version(

@@ -97,6 +97,10 @@ class VersionMissing(VersionError):
     """No such version directory, or it has no manifest."""
 
 
+class StoreFull(VersionError):
+    """Publishing would overflow the store's size bound or its volume."""
+
+
 class VersionCorrupt(VersionError):
     """Files missing or extra, or a checksum mismatch; the message names the file."""
 
@@ -150,8 +154,42 @@ def _copy_hash_fsync(src: Path, dst: Path) -> str:
 class ModelStore:
     """A directory of immutable versions. Safe to share between processes and machines."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_bytes: int = 0):
         self.root = Path(root)
+        self.max_bytes = max_bytes  # 0: bounded by the volume only
+
+    def size_bytes(self) -> int:
+        """Bytes of every file under the store (versions and leftovers)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def _check_room(self, src_dir: Path, version_id: str) -> None:
+        need = sum((src_dir / rel).stat().st_size for rel in _walk_files(src_dir))
+        free = shutil.disk_usage(self.root).free
+        if need + (1 << 20) > free:
+            raise StoreFull(
+                f"cannot publish {version_id}: it needs {need / 2**20:.1f} MiB and the store's "
+                f"volume has {free / 2**20:.1f} MiB free; free space or lower --keep-versions"
+            )
+        if self.max_bytes and self.size_bytes() + need > self.max_bytes:
+            raise StoreFull(
+                f"cannot publish {version_id}: the store would exceed its bound of "
+                f"{self.max_bytes / 2**20:.1f} MiB (it holds {self.size_bytes() / 2**20:.1f} "
+                f"MiB, the version needs {need / 2**20:.1f} MiB); lower --keep-versions or "
+                "raise the bound"
+            )
+
+    def delete(self, version_id: str) -> None:
+        """Remove a version (retention): renamed aside first, so it disappears at once and a
+        crash mid-delete leaves a .tmp- directory for gc_tmp, never a partial version."""
+        src = self.path(version_id)
+        if not src.exists():
+            return
+        aside = self.root / f"{TMP_PREFIX}deleted-{version_id}-{secrets.token_hex(6)}"
+        os.rename(src, aside)
+        _fsync_dir(self.root)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def path(self, version_id: str) -> Path:
         """The directory of a version (whether or not it exists)."""
@@ -198,6 +236,7 @@ class ModelStore:
             raise VersionError(f"version {version_id} already exists; versions are immutable")
 
         self.root.mkdir(parents=True, exist_ok=True)
+        self._check_room(src_dir, version_id)
         tmp = self.root / f"{TMP_PREFIX}{version_id}-{secrets.token_hex(6)}"
         tmp.mkdir()
         try:
@@ -233,6 +272,11 @@ class ModelStore:
                     ) from e
                 raise
             _fsync_dir(self.root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise StoreFull(f"cannot publish {version_id}: the store's volume is full") from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

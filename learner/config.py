@@ -56,6 +56,21 @@ class LearnerConfig:
             "second learner waits, and takes over at most this long after the first dies."
         },
     )
+    keep_versions: int = field(
+        default=20,
+        metadata={
+            "help": "Retention of the model store: after each round all but the newest N "
+            "versions are unregistered and deleted, never an alias target (current, previous, "
+            "canary) nor the weights a kept LoRA version needs (0 keeps every version)."
+        },
+    )
+    store_max_gib: float = field(
+        default=0.0,
+        metadata={
+            "help": "Bound of the model store in GiB: a publish that would pass it fails with "
+            "a clear error and the serving version stays (0: only the volume's free space)."
+        },
+    )
     round_retry_s: float = field(
         default=30.0,
         metadata={

@@ -50,7 +50,7 @@ from instructloop.learner.device import resolve_device
 from instructloop.learner.lease import LearnerLease
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.redact import redact_url
-from instructloop.registry import Registry
+from instructloop.registry import Registry, prune_versions
 from instructloop.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     client = redis.Redis.from_url(cfg.resolved_redis_url)
     loop = asyncio.new_event_loop()
     aclient = aioredis.Redis.from_url(cfg.resolved_redis_url)
-    store = ModelStore(cfg.model_store)
+    store = ModelStore(cfg.model_store, max_bytes=int(cfg.store_max_gib * 2**30))
     learner = Learner(
         data_dir, dataset, store, Registry(aclient, keys), loop,
         cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo, device=cfg.device,
@@ -149,6 +149,7 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
                     continue
                 failures.succeeded()
                 if result is not None:
+                    _retain(loop, learner, store, cfg.keep_versions)
                     published += 1
                     if cfg.max_rounds and published >= cfg.max_rounds:
                         log.info("published %d round(s): exiting (--max-rounds)", published)
@@ -169,6 +170,17 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
         return 1
     log.info("learner stopped")
     return 0
+
+
+def _retain(loop, learner: Learner, store: ModelStore, keep: int) -> None:
+    """Apply the store's retention after a round; a failure here fails nothing else."""
+    if not keep:
+        return
+    also_keep = [v for v in (learner.state.sft_version, learner.state.last_version) if v]
+    try:
+        loop.run_until_complete(prune_versions(learner.registry, store, keep, also_keep))
+    except Exception as e:
+        log.warning("version retention failed (tried again after the next round): %s", e)
 
 
 class FailedRounds:

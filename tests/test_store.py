@@ -17,6 +17,7 @@ from instructloop import store as store_mod
 from instructloop.store import (
     Manifest,
     ModelStore,
+    StoreFull,
     VersionCorrupt,
     VersionError,
     VersionMissing,
@@ -257,3 +258,54 @@ def test_manifest_json_round_trip(v1):
     del data["checksum"]
     with pytest.raises(ValueError, match="checksum"):
         Manifest.from_json(json.dumps(data))
+
+
+def test_a_publish_over_the_bound_fails_clearly_and_leaves_nothing(tmp_path, v1, store):
+    bounded = ModelStore(store.root, max_bytes=store.size_bytes() + BIG // 2)
+    with pytest.raises(StoreFull, match="bound of"):
+        bounded.publish(make_full(tmp_path / "src2"), "v2", parent="v1", kind="full",
+                        base_model="tiny-llama")  # fmt: skip
+    assert sorted(p.name for p in store.root.iterdir()) == ["v1"]
+    assert store.verify("v1").checksum == v1.checksum
+
+
+def test_retention_keeps_the_newest_the_alias_targets_and_what_loras_need(tmp_path, redis_server):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from instructloop.keys import Keys
+    from instructloop.registry import Registry, RegistryError, prune_versions, publish_version
+
+    store = ModelStore(tmp_path / "store")
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        registry = Registry(client, Keys("retention"))
+        try:
+            ids = []
+            for i in range(5):  # v1..v5, full
+                src = make_full(tmp_path / f"full{i}")
+                info = await publish_version(registry, store, str(src), kind="full",
+                                             parent="", base_model="tiny")  # fmt: skip
+                ids.append(info.id)
+            lora = await publish_version(registry, store, str(make_lora(tmp_path / "lora")),
+                                         kind="lora", parent=ids[1], base_model=ids[1])  # fmt: skip
+            await registry.promote(ids[0], "op")
+            await registry.promote(ids[3], "op")  # current v4, previous v1
+            with pytest.raises(RegistryError, match="'current'"):
+                await registry.forget(ids[3], "op", "test")
+            removed = await prune_versions(registry, store, keep=2)
+            left = sorted(i.id for i in await registry.list())
+            prunes = [a.from_version for a in await registry.audit_log() if a.action == "prune"]
+            return ids, lora.id, removed, left, prunes
+        finally:
+            await client.aclose()
+
+    ids, lora, removed, left, prunes = asyncio.run(go())
+    # Newest two: the LoRA and v5; v4 and v1 are alias targets; v2 is the LoRA's weights.
+    assert removed == [ids[2]]
+    assert left == sorted([ids[0], ids[1], ids[3], ids[4], lora])
+    assert prunes == [ids[2]]
+    assert not store.path(ids[2]).exists() and store.verify(ids[1])
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
