@@ -18,7 +18,7 @@ import grpc
 
 from instructloop.v1 import admin_pb2, admin_pb2_grpc
 
-from .sdk import default_target
+from .sdk import default_target, tls_credentials
 
 
 def default_token(data_dir: str | None = None) -> str:
@@ -38,7 +38,11 @@ class AdminClient:
         token: str | None = None,
         actor: str = "",
         timeout: float | None = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """credentials make the channel a TLS channel (default: TLS trusting
+        $INSTRUCTLOOP_TLS_CA when it is set): the token must not cross a network in the
+        clear."""
         self.target = target or default_target()
         self.timeout = timeout
         token = default_token() if token is None else token
@@ -47,7 +51,11 @@ class AdminClient:
             self.metadata += (("authorization", f"Bearer {token}"),)
         if actor:
             self.metadata += (("x-instructloop-actor", actor),)
-        self.channel = grpc.insecure_channel(self.target)
+        credentials = credentials or tls_credentials()
+        if credentials is None:
+            self.channel = grpc.insecure_channel(self.target)
+        else:
+            self.channel = grpc.secure_channel(self.target, credentials)
         self._stub = admin_pb2_grpc.AdminStub(self.channel)
 
     def close(self) -> None:

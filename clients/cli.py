@@ -28,7 +28,7 @@ from rich.text import Text
 
 from instructloop.v1 import api_pb2
 
-from .sdk import Client, default_target
+from .sdk import Client, default_target, tls_credentials
 
 
 class UsageError(Exception):
@@ -54,6 +54,13 @@ def connection_options(title: str, timeout: float) -> tuple[argparse.ArgumentPar
         type=float,
         default=timeout,
         help=f"deadline of the call, retries included; 0 waits forever (default: {timeout:g})",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=None,
+        help="connect with TLS, trusting this CA certificate (default: $INSTRUCTLOOP_TLS_CA; "
+        "unset: plaintext)",
     )
     group.add_argument("--json", action="store_true", help="print the server's response as JSON")
     return common, group
@@ -234,7 +241,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _public_client(args: argparse.Namespace) -> Client:
     timeout = args.timeout if args.timeout > 0 else None
-    return Client(args.target or default_target(), timeout=timeout)
+    return Client(
+        args.target or default_target(), timeout=timeout, credentials=tls_credentials(args.tls_ca)
+    )
 
 
 def _command(

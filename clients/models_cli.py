@@ -24,7 +24,7 @@ from instructloop.v1 import admin_pb2
 
 from .admin import AdminClient, default_token
 from .cli import _command, _print_json, connection_options
-from .sdk import default_target
+from .sdk import default_target, tls_credentials
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,7 +110,10 @@ def _connect(args: argparse.Namespace) -> AdminClient:
     except (OSError, KeyError):
         actor = "admin"
     timeout = args.timeout if args.timeout > 0 else None
-    return AdminClient(args.target or default_target(), token=token, actor=actor, timeout=timeout)
+    return AdminClient(
+        args.target or default_target(), token=token, actor=actor, timeout=timeout,
+        credentials=tls_credentials(args.tls_ca),
+    )  # fmt: skip
 
 
 def _when(ts) -> str:

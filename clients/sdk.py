@@ -30,7 +30,7 @@ from instructloop.v1 import api_pb2, api_pb2_grpc
 from . import wire
 from .wire import Metadata, RankItem
 
-__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "default_target"]
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "default_target", "tls_credentials"]
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -38,6 +38,16 @@ DEFAULT_TARGET = "localhost:50051"
 def default_target() -> str:
     """The server address: $INSTRUCTLOOP_TARGET, else localhost:50051."""
     return os.environ.get("INSTRUCTLOOP_TARGET") or DEFAULT_TARGET
+
+
+def tls_credentials(ca_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials trusting the CA in ca_file (PEM), else the one named by
+    $INSTRUCTLOOP_TLS_CA; None (a plaintext channel) when neither is set."""
+    ca_file = ca_file or os.environ.get("INSTRUCTLOOP_TLS_CA")
+    if not ca_file:
+        return None
+    with open(ca_file, "rb") as f:
+        return grpc.ssl_channel_credentials(root_certificates=f.read())
 
 
 class _Base:
@@ -79,10 +89,12 @@ class Client(_Base):
         timeout is the default deadline in seconds of each call (None: no deadline);
         max_attempts bounds gRPC's retries on UNAVAILABLE (at most 5); metadata is sent
         with every call (e.g. {"authorization": "Bearer ..."}); credentials make the
-        channel a TLS channel.
+        channel a TLS channel (default: TLS trusting $INSTRUCTLOOP_TLS_CA when it is set,
+        see tls_credentials).
         """
         super().__init__(target, timeout, max_attempts, metadata)
         options = wire.channel_options(max_attempts)
+        credentials = credentials or tls_credentials()
         if credentials is None:
             self.channel = grpc.insecure_channel(self.target, options=options)
         else:
@@ -263,6 +275,7 @@ class AsyncClient(_Base):
         """Same arguments as Client. Create it inside the event loop that will use it."""
         super().__init__(target, timeout, max_attempts, metadata)
         options = wire.channel_options(max_attempts)
+        credentials = credentials or tls_credentials()
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(self.target, options=options)
         else:

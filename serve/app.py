@@ -162,7 +162,7 @@ async def serve(cfg: ServerConfig) -> None:
             ("grpc.so_reuseport", 0),
         ],
     )
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = _add_port(server, cfg)
     if port == 0:
         raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port} (in use?)")
     metrics.serve_http(cfg.host, cfg.metrics_port)
@@ -209,6 +209,7 @@ async def serve(cfg: ServerConfig) -> None:
         "serving",
         extra={
             "target": f"{cfg.host}:{port}",
+            "tls": bool(cfg.tls_cert),
             "model": str(model_dir),
             "version": engine.version,
             "replica": follower.replica_id,
@@ -240,6 +241,30 @@ async def serve(cfg: ServerConfig) -> None:
         if redis_proc is not None:
             redis_proc.stop()
         log.info("stopped")
+
+
+def _add_port(server: grpc.aio.Server, cfg: ServerConfig) -> int:
+    """The gRPC port: TLS with --tls-cert/--tls-key (mutual with --tls-client-ca)."""
+    address = f"{cfg.host}:{cfg.port}"
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if not cfg.tls_cert:
+        if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "serving plaintext gRPC on %s: the admin token and user data cross the network "
+                "in the clear; use --tls-cert and --tls-key",
+                cfg.host,
+            )
+        return server.add_insecure_port(address)
+    try:
+        key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+        client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    except OSError as e:
+        raise SystemExit(f"error: cannot read a TLS file: {e}") from None
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    return server.add_secure_port(address, credentials)
 
 
 def _place(redis_proc: EmbeddedRedis | None) -> None:

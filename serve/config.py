@@ -62,6 +62,18 @@ class ServerConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)."})
+    tls_cert: str = field(
+        default="",
+        metadata={
+            "help": "PEM certificate chain of the gRPC port; with --tls-key the port speaks "
+            "only TLS. Empty: plaintext (warned about unless --host is a loopback address)."
+        },
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert."})
+    tls_client_ca: str = field(
+        default="",
+        metadata={"help": "PEM CA: clients must present a certificate it signed (mutual TLS)."},
+    )
     data_dir: str = field(
         default_factory=_default_data_dir,
         metadata={"help": "Local state: embedded Redis, default model."},
