@@ -92,17 +92,20 @@ class Load:
 
 
 def publish(redis_url: str, store_dir: Path, src: Path, kind: str, base: str) -> str:
+    """Publish as the learner does, signed with the server's registry key (its data dir's)."""
     import redis.asyncio as aioredis
 
     from instructloop.keys import Keys
-    from instructloop.registry import Registry, publish_version
+    from instructloop.registry import Registry, load_registry_key, publish_version
     from instructloop.store import ModelStore
+
+    key = load_registry_key(store_dir.parent / "server" / "registry-key")
 
     async def go() -> str:
         client = aioredis.Redis.from_url(redis_url)
         try:
             info = await publish_version(
-                Registry(client, Keys(PREFIX)), ModelStore(store_dir), str(src), kind=kind,
+                Registry(client, Keys(PREFIX), key), ModelStore(store_dir), str(src), kind=kind,
                 parent="v0", base_model=base, gate={"passed": True, "reason": "bench"},
                 actor="bench",
             )  # fmt: skip

@@ -8,9 +8,13 @@ stream and publishes a RegistryEvent, so a change is either complete or absent.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -59,6 +63,39 @@ class NothingToRollBackTo(RegistryError):
     """There is no `previous` version."""
 
 
+class BadSignature(RegistryError):
+    """A registry entry is not signed with this deployment's registry key."""
+
+
+def load_registry_key(path: str | Path, create: bool = True) -> bytes:
+    """The deployment's registry key: the file's contents, created (mode 0600, 32 random
+    bytes, hex) on first use. Every replica and the learner must read the same key."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise FileNotFoundError(f"no registry key at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    key = path.read_text().strip().encode()
+    if len(key) < 16:
+        raise ValueError(f"the registry key in {path} is too short (at least 16 characters)")
+    return key
+
+
+def _entry_bytes(info: admin_pb2.VersionInfo) -> bytes:
+    bare = admin_pb2.VersionInfo()
+    bare.CopyFrom(info)
+    bare.ClearField("signature")
+    bare.ClearField("aliases")
+    return bare.SerializeToString(deterministic=True)
+
+
 def now_ts() -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(time.time_ns())
@@ -66,10 +103,33 @@ def now_ts() -> Timestamp:
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys):
+    """Versions, aliases, freeze, canary, audit and heartbeats in Redis.
+
+    With a signing key, every entry it registers is signed (HMAC-SHA256) and `verify`
+    checks an entry before a replica loads it: a version registered by hand in Redis,
+    or an entry changed there, is refused."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, signing_key: bytes | None = None):
         self.redis = redis
         self.keys = keys
+        self.signing_key = signing_key
         self._claim_canary_decision = redis.register_script(_CLAIM_CANARY_DECISION)
+
+    def sign(self, info: admin_pb2.VersionInfo) -> None:
+        if self.signing_key is not None:
+            info.signature = hmac.new(self.signing_key, _entry_bytes(info), "sha256").hexdigest()
+
+    def verify(self, info: admin_pb2.VersionInfo) -> None:
+        """Raise BadSignature unless the entry carries this deployment's signature."""
+        if self.signing_key is None:
+            return
+        want = hmac.new(self.signing_key, _entry_bytes(info), "sha256").hexdigest()
+        if not hmac.compare_digest(want, info.signature):
+            raise BadSignature(
+                f"version {info.id!r} is not signed with this deployment's registry key "
+                "(registered by hand in Redis, changed there, or by a learner with another "
+                "key): refused"
+            )
 
     # ---- versions ---------------------------------------------------------------------
 
@@ -78,6 +138,7 @@ class Registry:
 
     async def register(self, info: admin_pb2.VersionInfo, actor: str) -> None:
         """Make a complete, published version known. Ids are never reused."""
+        self.sign(info)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.versions, info.id, info.SerializeToString())
             self._audit(pipe, actor, "register", "", "", info.id, info.gate.reason)
@@ -112,6 +173,7 @@ class Registry:
 
     async def ensure_base(self, info: admin_pb2.VersionInfo) -> None:
         """Register the base model (v0) and point `current` at it, if nothing is there yet."""
+        self.sign(info)
         if await self.redis.hsetnx(self.keys.versions, info.id, info.SerializeToString()):
             async with self.redis.pipeline(transaction=True) as pipe:
                 self._audit(pipe, "server", "register", "", "", info.id, "base model")

@@ -41,6 +41,14 @@ class LearnerConfig:
         default_factory=lambda: str(_data_root() / "learner"),
         metadata={"help": "The learner's own directory: dataset, round state, RMs, SFT."},
     )
+    registry_key_file: str = field(
+        default="",
+        metadata={
+            "help": "The deployment's registry key (shared with the servers), to sign the "
+            "versions it registers. Empty: registry-key beside --data-dir (DATA_DIR/"
+            "registry-key with the defaults), created on first use."
+        },
+    )
     heldout_fraction: float = field(
         default=0.1,
         metadata={"help": "Fraction of users (stable hash) held out for the RM and the gate."},

@@ -50,7 +50,7 @@ from instructloop.learner.device import resolve_device
 from instructloop.learner.lease import LearnerLease
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.redact import redact_url
-from instructloop.registry import Registry, prune_versions
+from instructloop.registry import Registry, load_registry_key, prune_versions
 from instructloop.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     loop = asyncio.new_event_loop()
     aclient = aioredis.Redis.from_url(cfg.resolved_redis_url)
     store = ModelStore(cfg.model_store, max_bytes=int(cfg.store_max_gib * 2**30))
+    key_file = cfg.registry_key_file or str(data_dir.resolve().parent / "registry-key")
     learner = Learner(
-        data_dir, dataset, store, Registry(aclient, keys), loop,
+        data_dir, dataset, store, Registry(aclient, keys, load_registry_key(key_file)), loop,
         cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo, device=cfg.device,
     )  # fmt: skip
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)

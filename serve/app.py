@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from instructloop.keys import Keys
 from instructloop.redact import redact_url
 from instructloop.redis_embedded import EmbeddedRedis
-from instructloop.registry import Registry, now_ts
+from instructloop.registry import Registry, load_registry_key, now_ts
 from instructloop.store import ModelStore
 from instructloop.v1 import admin_pb2, admin_pb2_grpc, api_pb2, api_pb2_grpc
 
@@ -181,7 +181,8 @@ async def serve(cfg: ServerConfig) -> None:
         _place(redis_proc)
     metrics.track_engine(engine.num_unfinished_requests)
     metrics.set_version(engine.version)
-    registry = Registry(store.redis, Keys(cfg.redis_prefix))
+    key_file = cfg.registry_key_file or str(Path(cfg.data_dir) / "registry-key")
+    registry = Registry(store.redis, Keys(cfg.redis_prefix), load_registry_key(key_file))
     model_store = ModelStore(cfg.store_dir)
     follower = VersionFollower(engine, registry, model_store, metrics, cfg.poll_interval_s)
     base = admin_pb2.VersionInfo(

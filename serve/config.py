@@ -130,6 +130,14 @@ class ServerConfig:
             "read DATA_DIR/admin-token, creating it (mode 0600) with a random token.",
         },
     )
+    registry_key_file: str = field(
+        default="",
+        metadata={
+            "help": "File holding the deployment's registry key: versions are loaded only if "
+            "their registry entry is signed with it (every replica and the learner share the "
+            "file). Empty: DATA_DIR/registry-key, created (mode 0600) on first use."
+        },
+    )
     enable_lora: bool = field(
         default=False,
         metadata={"help": "Serve LoRA versions (adapters over the full weights), canary, pinning."},

@@ -148,7 +148,10 @@ class VersionFollower:
         return True
 
     async def _checked_dir(self, info: admin_pb2.VersionInfo) -> str:
-        """The version's directory, after verifying it (hashing runs off the event loop)."""
+        """The version's directory, after verifying it: its registry entry is signed with
+        the deployment's key, and its files match the checksum the signed entry names
+        (hashing runs off the event loop)."""
+        self.registry.verify(info)
         if info.kind == "base":
             if not (Path(info.path) / "config.json").exists():
                 raise SwapRefused(f"base model directory {info.path} is missing")
@@ -156,6 +159,11 @@ class VersionFollower:
         manifest = await asyncio.to_thread(self.store.verify, info.id)
         if manifest.kind != info.kind:
             raise SwapRefused(f"manifest says {manifest.kind}, registry says {info.kind}")
+        if manifest.checksum != info.checksum:
+            raise SwapRefused(
+                f"the store's {info.id} has checksum {manifest.checksum[:12]}…, its signed "
+                f"registry entry names {info.checksum[:12]}…: refused"
+            )
         return str(self.store.path(info.id))
 
     async def _serve(self, version: str) -> None:

@@ -23,7 +23,7 @@ from conftest import start_servers, stop_server
 from instructloop.clients import Client
 from instructloop.clients.admin import AdminClient
 from instructloop.keys import Keys
-from instructloop.registry import Frozen, Registry, publish_version
+from instructloop.registry import Frozen, Registry, load_registry_key, publish_version
 from instructloop.store import ModelStore
 from instructloop.v1 import admin_pb2, api_pb2, api_pb2_grpc
 from instructloop.variants import full_variant, lora_variant
@@ -35,13 +35,14 @@ PROMPT = "reverse: version"
 GREEDY = {"n": 1, "max_tokens": 12, "temperature": 0.0}
 
 
-def registry_call(redis_url: str, action):
-    """Run `action(registry)` on a fresh event loop and Redis connection."""
+def registry_call(redis_url: str, action, key: bytes | None = None):
+    """Run `action(registry)` on a fresh event loop and Redis connection (signing what it
+    registers with `key`, the fleet's registry key)."""
 
     async def go():
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return await action(Registry(client, Keys(PREFIX)))
+            return await action(Registry(client, Keys(PREFIX), key))
         finally:
             await client.aclose()
 
@@ -49,8 +50,9 @@ def registry_call(redis_url: str, action):
 
 
 class Fleet:
-    def __init__(self, servers, redis_url: str, store: ModelStore, model: Path):
+    def __init__(self, servers, redis_url: str, store: ModelStore, model: Path, key: bytes):
         self.servers = servers
+        self.key = key
         self.model = model
         self.redis_url = redis_url
         self.store = store
@@ -68,7 +70,7 @@ class Fleet:
             )  # fmt: skip
             return info.id
 
-        return registry_call(self.redis_url, go)
+        return registry_call(self.redis_url, go, self.key)
 
     def wait_all_serving(self, version: str, timeout: float = 60.0) -> float:
         start = time.monotonic()
@@ -94,11 +96,14 @@ class Fleet:
 def fleet(tiny_model, redis_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("fleet")
     store = ModelStore(work / "store")
+    key_file = work / "registry-key"  # the deployment's: every replica and the publisher
+    key = load_registry_key(key_file)
     extra = ("--enable-lora", "--model-store", str(store.root), "--admin-token", TOKEN,
+             "--registry-key-file", str(key_file),
              "--poll-interval-s", "1", "--swap-drain-timeout-s", str(DRAIN_S))  # fmt: skip
     servers = start_servers(tiny_model, redis_server.url, [work / "r0", work / "r1"], PREFIX,
                             *extra)  # fmt: skip
-    f = Fleet(servers, redis_server.url, store, tiny_model)
+    f = Fleet(servers, redis_server.url, store, tiny_model, key)
     variants = work / "variants"
     f.full = [f.publish(full_variant(tiny_model, variants / f"full{i}", seed=i), "full",
                         str(tiny_model)) for i in (1, 2, 3)]  # fmt: skip
@@ -377,3 +382,35 @@ def test_a_stream_that_stops_reading_cannot_hold_a_full_swap(fleet):
         stream.cancel()
         channel.close()
         fleet.promote(before)
+
+
+def test_a_version_registered_by_hand_in_redis_is_refused(fleet):
+    """Anyone who can write to Redis could register a directory and promote it; without
+    the deployment's signature no replica loads it, and the old version keeps serving."""
+    before = fleet.admin.list_versions().aliases["current"]
+    forged = admin_pb2.VersionInfo()
+    forged.CopyFrom(registry_call(fleet.redis_url, lambda r: r.get(fleet.full[2])))
+    # A "base" entry is loaded from the path it names: without the signature check, any
+    # directory that Redis names.
+    forged.id, forged.kind, forged.signature = "v-forged", "base", ""
+    forged.path = str(fleet.store.path(fleet.full[2]))
+    forged.ClearField("aliases")
+    r = sync_redis.Redis.from_url(fleet.redis_url)
+    r.hset(Keys(PREFIX).versions, "v-forged", forged.SerializeToString())
+    try:
+        fleet.admin.promote("v-forged", reason="a write to Redis alone")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [c.get_model() for c in fleet.clients]
+            if all("not signed" in m.last_swap_error for m in states):
+                break
+            time.sleep(0.2)
+        assert all("not signed" in m.last_swap_error for m in states), states
+        assert all(m.version == before for m in states)
+        for c in fleet.clients:
+            assert fleet.greedy(c) == (before, fleet.fingerprint[before])
+    finally:
+        fleet.admin.rollback(before, reason="undo the forged promote")
+        r.hdel(Keys(PREFIX).versions, "v-forged")
+        r.hset(Keys(PREFIX).aliases, "previous", before)
+        r.close()
