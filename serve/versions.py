@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from instructloop.registry import CURRENT, Registry, RegistryError
 from instructloop.store import ModelStore, VersionError
 from instructloop.v1 import admin_pb2
@@ -56,6 +58,7 @@ class VersionFollower:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._heartbeats = 0
+        self._base: admin_pb2.VersionInfo | None = None  # set until registered
 
     @property
     def mode(self) -> str:
@@ -64,8 +67,17 @@ class VersionFollower:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(self, base: admin_pb2.VersionInfo) -> None:
-        await self.registry.ensure_base(base)
-        await self.converge()
+        """Register the base and follow the registry. A Redis that does not answer does
+        not stop the server from starting: it serves the base (unlogged), and the poll
+        loop registers the base and converges once Redis answers."""
+        self._base = base
+        try:
+            await self._bootstrap()
+        except RedisError as e:
+            log.warning(
+                "registry unreachable at start (%s): serving the base %s, following the "
+                "registry once Redis answers", e, base.id,
+            )  # fmt: skip
         self._tasks = [
             asyncio.create_task(self._listen(), name="registry-listen"),
             asyncio.create_task(self._poll(), name="registry-poll"),
@@ -100,11 +112,19 @@ class VersionFollower:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
             self._wake.clear()
             try:
-                await self.converge()
+                if self._base is not None:
+                    await self._bootstrap()
+                else:
+                    await self.converge()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("could not reach the registry: %s", e)
+
+    async def _bootstrap(self) -> None:
+        await self.registry.ensure_base(self._base)
+        await self.converge()
+        self._base = None  # done: from now on, converge only
 
     # ---- converge ---------------------------------------------------------------------
 

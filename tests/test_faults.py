@@ -15,7 +15,7 @@ import time
 
 import grpc
 import pytest
-from conftest import launch_server, report_row, start_servers, stop_server
+from conftest import launch_server, report_row, start_servers, stop_server, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instructloop.clients import AsyncClient, Client
@@ -207,4 +207,38 @@ def test_a_redis_that_evicts_is_refused_at_start_and_weak_durability_is_warned(
         "server started on a Redis with maxmemory-policy volatile-lru; appendfsync everysec",
         f"refused to start (exit {code}) naming the policy; warned about the fsync",
         "a clear error, or a warning",
+    )
+
+
+def test_the_server_starts_while_redis_is_down_and_logs_once_it_is_up(tiny_model, tmp_path):
+    port = free_port()
+    server = launch_server(tiny_model, f"redis://127.0.0.1:{port}/0", tmp_path / "server",
+                           PREFIX, "--redis-timeout-s", "1", "--poll-interval-s", "1")  # fmt: skip
+    redis = None
+    try:
+        wait_serving(server.target, server.proc, server.log_path, 300)
+        with Client(server.target, timeout=CALL_DEADLINE_S, max_attempts=1) as c:
+            assert not c.generate("sort: b a", max_tokens=4).logged  # serving, unlogged
+            redis = EmbeddedRedis(tmp_path / "redis", port=port).start()
+            started = time.monotonic()
+            while not c.generate("sort: b a", max_tokens=4).logged:
+                assert time.monotonic() - started < 30, server.log_tail()
+                time.sleep(0.2)
+            logged_after = time.monotonic() - started
+            # The registry caught up too: the base is registered and `current`.
+            keys = Keys(PREFIX)
+            while redis.client().hget(keys.aliases, "current") != b"v0":
+                assert time.monotonic() - started < 30, server.log_tail()
+                time.sleep(0.2)
+    finally:
+        code = stop_server(server)
+        if redis is not None:
+            redis.stop()
+    assert code == 0, server.log_tail()
+    report_row(
+        TABLE,
+        "server started with its Redis down, Redis started later",
+        f"SERVING at once, answers unlogged; logged {logged_after:.1f} s after Redis came up, "
+        "base registered",
+        "starts, degrades, recovers",
     )
