@@ -20,6 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instructloop.clients import AsyncClient, Client
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.learner import synthetic
+from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
+from instructloop.learner.dataset import Dataset, DatasetConfig
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.serve.logstore import LogStore, RedisSettingsError
 from instructloop.v1 import records_pb2
@@ -241,4 +244,58 @@ def test_the_server_starts_while_redis_is_down_and_logs_once_it_is_up(tiny_model
         f"SERVING at once, answers unlogged; logged {logged_after:.1f} s after Redis came up, "
         "base registered",
         "starts, degrades, recovers",
+    )
+
+
+def test_a_week_of_traffic_in_compressed_time_keeps_redis_bounded(tmp_path):
+    """One day is one second: prompts accept feedback for a day (their keys' TTL) and the
+    learner trims what it acknowledged after a day. Written records grow with the days;
+    what Redis holds must not."""
+    day_s, per_day, days = 1.0, 200, 7
+    redis = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
+    keys = Keys(PREFIX)
+    r = redis.client()
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3")))
+    cfg = ConsumerConfig(consumer="c", block_ms=10, stream_retention_s=day_s)
+    consumer = StreamConsumer(r, keys, ds, cfg)
+    consumer.ensure_groups()
+
+    async def traffic(day: int) -> None:
+        store = LogStore(redis.url, keys, prompt_ttl_s=int(day_s))
+        try:
+            for prompt, feedback in synthetic.preference_data(per_day, seed=day):
+                await store.log_prompt(prompt)
+                await store.submit_feedback(feedback)
+        finally:
+            await store.close()
+
+    held = []  # (keys, stream entries, used memory) at the end of each day
+    try:
+        for day in range(days):
+            start = time.monotonic()
+            asyncio.run(traffic(day))
+            while consumer.poll(block_ms=0).entries:
+                pass
+            time.sleep(max(0.0, day_s - (time.monotonic() - start)))
+            consumer.trim()
+            streams = r.xlen(keys.prompts_stream) + r.xlen(keys.feedback_stream)
+            held.append((r.dbsize(), streams, r.info("memory")["used_memory"]))
+    finally:
+        redis.stop()
+    assert ds.counts()["feedback"] == per_day * days  # everything reached the dataset
+    # Bounded by about a day of traffic: a prompt key and a judgement key per prompt (and
+    # expired keys Redis has not reclaimed yet), two stream entries per prompt; the week
+    # wrote 7 times that.
+    assert all(k <= 3 * per_day for k, _, _ in held), held
+    assert all(s <= 2 * per_day for _, s, _ in held), held
+    assert held[-1][2] <= 1.5 * held[1][2], held  # memory flat from the second day on
+    report_row(
+        TABLE,
+        f"{days} days of traffic in compressed time ({per_day} prompts and judgements a day; "
+        "feedback window and stream retention one day)",
+        f"{per_day * days} records written and stored by the learner; Redis held at most "
+        f"{max(k for k, _, _ in held)} keys and {max(s for _, s, _ in held)} stream entries; "
+        f"used memory day 2 {held[1][2] / 2**20:.2f} MiB, day {days} "
+        f"{held[-1][2] / 2**20:.2f} MiB",
+        "Redis memory bounded (store size: tests/test_store.py, retention)",
     )
