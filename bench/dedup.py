@@ -17,19 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from instructloop.learner.dataset import dedup_prompts
+from instructloop.learner.dataset import dedup_prompts, dedup_prompts_by_scanning
 from instructloop.loop.tasks import make_prompt
-
-
-def dedup_by_scanning(prompts: list[str]) -> list[str]:
-    """The earlier implementation: every prompt against every kept one."""
-    unique = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
-    kept: list[str] = []
-    for p in sorted(unique, key=len):
-        if not any(k in p for k in kept):
-            kept.append(p)
-    keep = set(kept)
-    return [p for p in unique if p in keep]
 
 
 def logged_prompts(n: int, seed: int) -> list[str]:
@@ -67,7 +56,7 @@ def main() -> None:
         fast_s, kept = timed(dedup_prompts, prompts, args.repeats)
         scan_s = None
         if n <= args.max_scan:
-            scan_s, scanned = timed(dedup_by_scanning, prompts, args.repeats)
+            scan_s, scanned = timed(dedup_prompts_by_scanning, prompts, args.repeats)
             assert scanned == kept, "the two methods disagree"
         ratio = scan_s / fast_s if scan_s is not None else None
         rows.append({"prompts": n, "kept": len(kept), "scan_s": scan_s,

@@ -146,6 +146,18 @@ def dedup_prompts(prompts: Iterable[str]) -> list[str]:
     return [p for p in unique if all(match == p for _, match in automaton.iter(p))]
 
 
+def dedup_prompts_by_scanning(prompts: Iterable[str]) -> list[str]:
+    """The definition dedup_prompts implements, quadratic (every prompt against every
+    kept one): kept as its test's oracle and its benchmark's baseline."""
+    unique = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
+    kept: list[str] = []
+    for p in sorted(unique, key=len):
+        if not any(k in p for k in kept):
+            kept.append(p)
+    keep = set(kept)
+    return [p for p in unique if p in keep]
+
+
 def tiers_from_feedback(
     feedback: records_pb2.FeedbackRecord, sample_index: dict[str, int]
 ) -> list[tuple[int, int]] | None:

@@ -16,7 +16,13 @@ import pytest
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import synthetic
 from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
-from instructloop.learner.dataset import Dataset, DatasetConfig, dedup_prompts, user_split
+from instructloop.learner.dataset import (
+    Dataset,
+    DatasetConfig,
+    dedup_prompts,
+    dedup_prompts_by_scanning,
+    user_split,
+)
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
 
@@ -237,19 +243,9 @@ def test_trim_drops_only_acknowledged_entries_older_than_the_retention(tmp_path,
     assert r.xlen(keys.feedback_stream) == 0 and r.xlen(keys.prompts_stream) == 0
 
 
-def _dedup_by_scanning(prompts: list[str]) -> list[str]:
-    """The definition, quadratic: keep the shortest first, drop what contains a kept one."""
-    unique = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
-    kept: list[str] = []
-    for p in sorted(unique, key=len):
-        if not any(k in p for k in kept):
-            kept.append(p)
-    return [p for p in unique if p in set(kept)]
-
-
 def test_dedup_matches_its_definition_on_prompts_full_of_containments():
     rng = random.Random(7)
     for _ in range(50):  # a 3-letter alphabet: short prompts are inside many long ones
         prompts = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 12)))
                    for _ in range(rng.randint(0, 60))]  # fmt: skip
-        assert dedup_prompts(prompts) == _dedup_by_scanning(prompts)
+        assert dedup_prompts(prompts) == dedup_prompts_by_scanning(prompts)
