@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -386,3 +387,91 @@ def test_sigterm_and_sigkill_mid_round_lose_nothing_count_nothing_twice_publish_
     assert len(m.feedback_ids) == len(set(m.feedback_ids))
     assert set(m.feedback_ids) == train_ids(first + second)
     assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v1"
+
+
+# Runs `instructloop learn` with one function replaced by: write a marker, then hang; the
+# test SIGKILLs it there. argv: marker, "module:attr", then the learn command's arguments.
+HANG_AT = textwrap.dedent(
+    """
+    import importlib, pathlib, sys, time
+    marker, target = pathlib.Path(sys.argv[1]), sys.argv[2]
+    module_name, attr = target.split(":")
+    owner = importlib.import_module(module_name)
+    for part in attr.split(".")[:-1]:
+        owner = getattr(owner, part)
+
+    def hang(*args, **kwargs):
+        marker.write_text(target)
+        time.sleep(600)
+
+    setattr(owner, attr.split(".")[-1], hang)
+    from instructloop.cli import main
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+
+# Every step of a round, in order, and between its writes: the store, the registry, the
+# promotion and the learner's own state.
+KILL_POINTS = [
+    "instructloop.learner.rounds:Learner.resolve_serving",  # before anything
+    "instructloop.learner.rounds:train_reward_model",
+    "instructloop.learner.rounds:train_ppo",
+    "instructloop.learner.rounds:evaluate_gate",
+    "instructloop.store:_copy_hash_fsync",  # mid store write
+    "instructloop.registry:Registry.register",  # stored, not registered
+    "instructloop.registry:Registry.promote",  # registered, not promoted
+    "instructloop.learner.rounds:RoundState.save",  # promoted, state not saved
+]
+
+
+def test_sigkill_at_every_step_of_a_round_then_one_version_published_once(
+    tiny_model, redis_server, tmp_path
+):
+    url, prefix = redis_server.url, "killsteps"
+    r, keys = redis_server.client(), Keys(prefix)
+    register_base(url, prefix, tiny_model)
+    sent = xadd(r, keys, synthetic.preference_data(30, k=4, n_users=20, seed=40))
+    learn = learner_cmd(url, prefix, tmp_path, ppo_iterations=2)[3:]  # after "-m ... cli"
+    store = ModelStore(tmp_path / "store")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for i, point in enumerate(KILL_POINTS):
+        marker, log_path = tmp_path / f"reached-{i}", tmp_path / f"learner-{i}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", HANG_AT, str(marker), point, *learn],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while not marker.exists():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        # Never more than one version of the round, and nothing registered that is not
+        # in the store (an id allocated by a killed publish is not reused).
+        stored = [m.id for m in store.list()]
+        versions = {v.id for v in registry_call(url, prefix, lambda reg: reg.list())}
+        assert len(stored) <= 1 and versions <= {"v0", *stored}, point
+
+    # The restart completes the round, once, with no crash loop.
+    log_path = tmp_path / "learner-last.log"
+    proc = start_learner(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
+    try:
+        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    [m] = store.list()
+    assert store.verify(m.id)
+    assert sorted(v.id for v in registry_call(url, prefix, lambda reg: reg.list())) == ["v0", m.id]
+    assert registry_call(url, prefix, lambda reg: reg.alias("current")) == m.id
+    registered = [a.to_version for a in audit(url, prefix) if a.action == "register"]
+    assert registered.count(m.id) == 1
+    promoted = [a.to_version for a in audit(url, prefix) if "promote" in a.action]
+    assert promoted == [m.id]
+    ds = Dataset(DatasetConfig(path=str(tmp_path / "learner" / "dataset.sqlite3")))
+    assert sorted(ds.feedback_ids()) == sorted(sent)
+    state = json.loads((tmp_path / "learner" / "state.json").read_text())
+    assert state["round"] == 1 and state["last_version"] == m.id
