@@ -145,6 +145,7 @@ async def serve(cfg: ServerConfig) -> None:
         cfg.prompt_ttl_s,
         timeout_s=cfg.redis_timeout_s,
         max_connections=cfg.redis_max_connections,
+        breaker_cooldown_s=cfg.redis_breaker_cooldown_s,
     )
     try:
         for warning in await store.check_settings():

@@ -100,6 +100,13 @@ class ServerConfig:
             "costs a Generate at most this long (then logged=false), feedback UNAVAILABLE."
         },
     )
+    redis_breaker_cooldown_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "After 5 Redis failures in a row, Redis calls fail at once for this long "
+            "(then are tried again) instead of each waiting its deadline (0: never)."
+        },
+    )
     redis_max_connections: int = field(
         default=64,
         metadata={

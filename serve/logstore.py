@@ -12,7 +12,9 @@ only after Redis has applied (and, with appendfsync always, persisted) the write
 
 Every call has a deadline (`timeout_s`): a Redis that accepts connections but does not
 answer (SIGSTOP, an fsync stall, a long script, a blackholed path) costs a caller at most
-that long, then Unavailable; Generate answers with logged=false. Connections come from a
+that long, then Unavailable; Generate answers with logged=false. After five failures in
+a row a circuit breaker fails calls at once for a cooldown, so that an outage does not
+cost every request the whole deadline. Connections come from a
 bounded pool that waits for a free connection (within the same deadline) instead of
 failing with "Too many connections".
 """
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -69,6 +72,34 @@ return {'ok', ARGV[1]}
 """
 
 
+class CircuitBreaker:
+    """Fail fast while Redis keeps failing. After `threshold` failures in a row the
+    breaker opens: calls fail at once for `cooldown_s`, without waiting out their
+    deadline. Then calls go through again; the first success closes it, a failure opens
+    it for another cooldown. cooldown_s 0 turns it off."""
+
+    def __init__(self, threshold: int = 5, cooldown_s: float = 2.0):
+        self.threshold, self.cooldown_s = threshold, cooldown_s
+        self.failures = 0
+        self.open_until = 0.0
+
+    def check(self, what: str) -> None:
+        wait = self.open_until - time.monotonic()
+        if wait > 0:
+            raise Unavailable(
+                f"{what}: Redis failed {self.failures} times in a row; not tried again for "
+                f"{wait:.1f}s"
+            )
+
+    def success(self) -> None:
+        self.failures, self.open_until = 0, 0.0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.cooldown_s and self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown_s
+
+
 class RedisSettingsError(Exception):
     """The Redis is configured in a way that breaks a guarantee of the service."""
 
@@ -105,8 +136,10 @@ class LogStore:
         prompt_ttl_s: int,
         timeout_s: float = 2.0,
         max_connections: int = 64,
+        breaker_cooldown_s: float = 2.0,
     ):
         self.keys = keys
+        self.breaker = CircuitBreaker(cooldown_s=breaker_cooldown_s)
         self.prompt_ttl_s = prompt_ttl_s
         self.timeout_s = timeout_s
         pool = BlockingConnectionPool.from_url(
@@ -124,14 +157,19 @@ class LogStore:
 
     @contextlib.asynccontextmanager
     async def _call(self, what: str) -> AsyncIterator[None]:
-        """One Redis call under the deadline; any failure becomes Unavailable(what ...)."""
+        """One Redis call under the deadline and the circuit breaker; any failure becomes
+        Unavailable(what ...)."""
+        self.breaker.check(what)
         try:
             async with asyncio.timeout(self.timeout_s):
                 yield
         except TimeoutError as e:
+            self.breaker.failure()
             raise Unavailable(f"{what}: Redis did not answer within {self.timeout_s:g}s") from e
         except RedisError as e:
+            self.breaker.failure()
             raise Unavailable(f"{what}: {e}") from e
+        self.breaker.success()
 
     async def check_settings(self) -> list[str]:
         """Warnings about the Redis's durability settings; RedisSettingsError when a setting
