@@ -29,7 +29,7 @@ from instructloop.v1 import records_pb2
 
 PREFIX = "faults"
 REDIS_TIMEOUT_S = 1.0
-STALL_S = 8.0
+STALL_S = 15.0
 CALL_DEADLINE_S = 15.0
 LOGGING_HEALTH = "instructloop.logging"
 POOL = 8  # Redis connections of the server

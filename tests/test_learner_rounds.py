@@ -197,20 +197,27 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     assert state["round"] == 3 and state["last_version"] == "v3"
 
 
-def test_a_failing_round_backs_off_and_is_recorded_instead_of_crashing(redis_server, tmp_path):
-    url, prefix = redis_server.url, "failing"
+@pytest.mark.parametrize("fault", ["unloadable serving version", "store full"])
+def test_a_failing_round_backs_off_and_is_recorded_instead_of_crashing(
+    fault, tiny_model, redis_server, tmp_path
+):
+    url, prefix = redis_server.url, f"failing-{fault[:5]}"
     r, keys = redis_server.client(), Keys(prefix)
-    broken = tmp_path / "not-a-model"  # the serving version cannot be loaded
-    broken.mkdir()
-    register_base(url, prefix, broken)
-    xadd(r, keys, synthetic.preference_data(30, k=4, n_users=20, seed=3))
     cfgs = configs(tmp_path, url, prefix, **PERMISSIVE)
+    if fault == "store full":
+        register_base(url, prefix, tiny_model)
+        cfgs.learner.store_max_gib = 1e-4  # 100 KiB: no checkpoint fits
+    else:
+        broken = tmp_path / "not-a-model"
+        broken.mkdir()
+        register_base(url, prefix, broken)
+    xadd(r, keys, synthetic.preference_data(30, k=4, n_users=20, seed=3))
     cfgs.learner.round_retry_s = 0.2
     dead = tmp_path / "learner" / "failed-rounds.jsonl"
     stop = threading.Event()
 
     def stop_after_three_failures():
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not stop.is_set():
             if dead.exists() and len(dead.read_text().splitlines()) >= 3:
                 break
@@ -225,9 +232,14 @@ def test_a_failing_round_backs_off_and_is_recorded_instead_of_crashing(redis_ser
     assert [x["attempt"] for x in records[:3]] == [1, 2, 3]
     assert [x["retry_in_s"] for x in records[:3]] == [0.2, 0.4, 0.8]
     assert all(x["round"] == 1 and x["error"] for x in records)
+    if fault == "store full":
+        assert "StoreFull" in records[0]["error"] and "bound of" in records[0]["error"]
     gaps = [b["at"] - a["at"] for a, b in zip(records, records[1:3], strict=False)]
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4
     assert ModelStore(tmp_path / "store").list() == []
+    # The serving version stays: nothing was registered or promoted.
+    assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v0"
+    assert [v.id for v in registry_call(url, prefix, lambda reg: reg.list())] == ["v0"]
     assert r.xpending(keys.feedback_stream, "learner")["pending"] == 0  # consumed meanwhile
 
 

