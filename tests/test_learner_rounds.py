@@ -328,6 +328,16 @@ def start_learner(cmd: list[str], log_path: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def run_to_the_end(cmd: list[str], log_path: Path) -> None:
+    """Run a learner until it exits (--max-rounds); it must exit 0."""
+    proc = start_learner(cmd, log_path)
+    try:
+        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for_log(proc: subprocess.Popen, log_path: Path, text: str, count: int) -> None:
     """Until `text` occurs `count` times in the log (the process must stay alive)."""
     deadline = time.monotonic() + 120
@@ -383,12 +393,7 @@ def test_sigterm_and_sigkill_mid_round_lose_nothing_count_nothing_twice_publish_
     assert sorted(ds.feedback_ids()) == sorted(sent)
 
     # ---- restart: the round is redone on everything, nothing lost, nothing twice
-    proc = start_learner(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
-    try:
-        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
-    finally:
-        proc.kill()
-        proc.wait()
+    run_to_the_end(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
     ids = ds.feedback_ids()
     assert len(ids) == len(set(ids)) == len(sent) == 60 and set(ids) == sent
     assert ds.counts()["prompts"] == 60
@@ -469,12 +474,7 @@ def test_sigkill_at_every_step_of_a_round_then_one_version_published_once(
 
     # The restart completes the round, once, with no crash loop.
     log_path = tmp_path / "learner-last.log"
-    proc = start_learner(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
-    try:
-        assert proc.wait(timeout=180) == 0, log_path.read_text()[-3000:]
-    finally:
-        proc.kill()
-        proc.wait()
+    run_to_the_end(learner_cmd(url, prefix, tmp_path, ppo_iterations=2), log_path)
     [m] = store.list()
     assert store.verify(m.id)
     assert sorted(v.id for v in registry_call(url, prefix, lambda reg: reg.list())) == ["v0", m.id]
