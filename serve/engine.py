@@ -386,6 +386,8 @@ class VllmEngine(Engine):
             f"version after the {self.drain_timeout_s:g}s drain deadline; retry it"
         )
         lagging = list(self._holders)
+        # Reasons of tasks that ended some other way are not kept (the dict stays bounded).
+        self._revoked = {t: w for t, w in self._revoked.items() if not t.done()}
         log.warning("swap to %s: ending %d request(s) after the drain deadline",
                     version, len(lagging))  # fmt: skip
         for task in lagging:
