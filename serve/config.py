@@ -103,7 +103,7 @@ class ServerConfig:
     redis_breaker_cooldown_s: float = field(
         default=2.0,
         metadata={
-            "help": "After 5 Redis failures in a row, Redis calls fail at once for this long "
+            "help": "After 5 Redis timeouts in a row, Redis calls fail at once for this long "
             "(then are tried again) instead of each waiting its deadline (0: never)."
         },
     )

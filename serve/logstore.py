@@ -12,9 +12,9 @@ only after Redis has applied (and, with appendfsync always, persisted) the write
 
 Every call has a deadline (`timeout_s`): a Redis that accepts connections but does not
 answer (SIGSTOP, an fsync stall, a long script, a blackholed path) costs a caller at most
-that long, then Unavailable; Generate answers with logged=false. After five failures in
-a row a circuit breaker fails calls at once for a cooldown, so that an outage does not
-cost every request the whole deadline. Connections come from a
+that long, then Unavailable; Generate answers with logged=false. After five timeouts in
+a row a circuit breaker fails calls at once for a cooldown, so that a stalled Redis does
+not cost every request the whole deadline. Connections come from a
 bounded pool that waits for a free connection (within the same deadline) instead of
 failing with "Too many connections".
 """
@@ -73,10 +73,11 @@ return {'ok', ARGV[1]}
 
 
 class CircuitBreaker:
-    """Fail fast while Redis keeps failing. After `threshold` failures in a row the
+    """Fail fast while Redis keeps timing out. After `threshold` timeouts in a row the
     breaker opens: calls fail at once for `cooldown_s`, without waiting out their
-    deadline. Then calls go through again; the first success closes it, a failure opens
-    it for another cooldown. cooldown_s 0 turns it off."""
+    deadline (a refused connection fails fast by itself and does not count). Then calls
+    go through again; the first success closes it, a timeout opens it for another
+    cooldown. cooldown_s 0 turns it off."""
 
     def __init__(self, threshold: int = 5, cooldown_s: float = 2.0):
         self.threshold, self.cooldown_s = threshold, cooldown_s
@@ -87,7 +88,7 @@ class CircuitBreaker:
         wait = self.open_until - time.monotonic()
         if wait > 0:
             raise Unavailable(
-                f"{what}: Redis failed {self.failures} times in a row; not tried again for "
+                f"{what}: Redis timed out {self.failures} times in a row; not tried again for "
                 f"{wait:.1f}s"
             )
 
@@ -163,11 +164,10 @@ class LogStore:
         try:
             async with asyncio.timeout(self.timeout_s):
                 yield
-        except TimeoutError as e:
+        except (TimeoutError, RedisTimeoutError) as e:
             self.breaker.failure()
             raise Unavailable(f"{what}: Redis did not answer within {self.timeout_s:g}s") from e
-        except RedisError as e:
-            self.breaker.failure()
+        except RedisError as e:  # refused or reset: fails fast by itself, no breaker needed
             raise Unavailable(f"{what}: {e}") from e
         self.breaker.success()
 
