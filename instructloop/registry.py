@@ -67,13 +67,11 @@ class BadSignature(RegistryError):
     """A registry entry is not signed with this deployment's registry key."""
 
 
-def load_registry_key(path: str | Path, create: bool = True) -> bytes:
+def load_registry_key(path: str | Path) -> bytes:
     """The deployment's registry key: the file's contents, created (mode 0600, 32 random
     bytes, hex) on first use. Every replica and the learner must read the same key."""
     path = Path(path)
     if not path.exists():
-        if not create:
-            raise FileNotFoundError(f"no registry key at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -115,16 +113,18 @@ class Registry:
         self.signing_key = signing_key
         self._claim_canary_decision = redis.register_script(_CLAIM_CANARY_DECISION)
 
+    def _signature(self, info: admin_pb2.VersionInfo) -> str:
+        return hmac.new(self.signing_key, _entry_bytes(info), "sha256").hexdigest()
+
     def sign(self, info: admin_pb2.VersionInfo) -> None:
         if self.signing_key is not None:
-            info.signature = hmac.new(self.signing_key, _entry_bytes(info), "sha256").hexdigest()
+            info.signature = self._signature(info)
 
     def verify(self, info: admin_pb2.VersionInfo) -> None:
         """Raise BadSignature unless the entry carries this deployment's signature."""
         if self.signing_key is None:
             return
-        want = hmac.new(self.signing_key, _entry_bytes(info), "sha256").hexdigest()
-        if not hmac.compare_digest(want, info.signature):
+        if not hmac.compare_digest(self._signature(info), info.signature):
             raise BadSignature(
                 f"version {info.id!r} is not signed with this deployment's registry key "
                 "(registered by hand in Redis, changed there, or by a learner with another "

@@ -172,10 +172,11 @@ class ModelStore:
                 f"cannot publish {version_id}: it needs {need / 2**20:.1f} MiB and the store's "
                 f"volume has {free / 2**20:.1f} MiB free; free space or lower --keep-versions"
             )
-        if self.max_bytes and self.size_bytes() + need > self.max_bytes:
+        held = self.size_bytes() if self.max_bytes else 0
+        if self.max_bytes and held + need > self.max_bytes:
             raise StoreFull(
                 f"cannot publish {version_id}: the store would exceed its bound of "
-                f"{self.max_bytes / 2**20:.1f} MiB (it holds {self.size_bytes() / 2**20:.1f} "
+                f"{self.max_bytes / 2**20:.1f} MiB (it holds {held / 2**20:.1f} "
                 f"MiB, the version needs {need / 2**20:.1f} MiB); lower --keep-versions or "
                 "raise the bound"
             )

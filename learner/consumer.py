@@ -97,8 +97,12 @@ class ConsumeStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _stream_id(value: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (value.decode() if isinstance(value, bytes) else value).partition("-")
+    ms, _, seq = _str(value).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -194,11 +198,8 @@ class StreamConsumer:
         cutoff = now_ms - int(self.cfg.stream_retention_s * 1000)
         removed = 0
         for stream in self.streams:
-            groups = {
-                (g["name"].decode() if isinstance(g["name"], bytes) else g["name"]): g
-                for g in self.r.xinfo_groups(stream)
-            }
-            group = groups.get(self.cfg.group)
+            groups = self.r.xinfo_groups(stream)
+            group = next((g for g in groups if _str(g["name"]) == self.cfg.group), None)
             if group is None:
                 continue
             needed = _stream_id(group["last-delivered-id"])
@@ -217,7 +218,7 @@ class StreamConsumer:
 
     def _forget_idle_consumers(self, stream: str) -> None:
         for c in self.r.xinfo_consumers(stream, self.cfg.group):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            name = _str(c["name"])
             if (
                 name != self.cfg.consumer
                 and not c["pending"]
@@ -242,8 +243,7 @@ class StreamConsumer:
             block=block_ms or None,  # BLOCK 0 would wait forever; None does not block
         )
         for stream, entries in resp or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
-            stats.add(self._persist_and_ack(name, entries))
+            stats.add(self._persist_and_ack(_str(stream), entries))
         return stats
 
     def drain(self) -> ConsumeStats:

@@ -12,9 +12,7 @@ import hmac
 import logging
 
 import grpc
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from instructloop.registry import (
     Frozen,
@@ -83,7 +81,7 @@ async def _fail(context, e: Exception) -> None:
     for kind, code in _STATUS.items():
         if isinstance(e, kind):
             await context.abort(code, str(e))
-    if isinstance(e, (RedisError, RedisConnectionError, RedisTimeoutError, TimeoutError)):
+    if isinstance(e, RedisError | TimeoutError):
         log.warning("admin call: registry unavailable", extra={"error": str(e)})
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"registry unavailable: {e}")
     log.exception("admin call failed")

@@ -72,7 +72,7 @@ class VersionFollower:
         loop registers the base and converges once Redis answers."""
         self._base = base
         try:
-            await self._bootstrap()
+            await self._sync()
         except RedisError as e:
             log.warning(
                 "registry unreachable at start (%s): serving the base %s, following the "
@@ -112,19 +112,18 @@ class VersionFollower:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
             self._wake.clear()
             try:
-                if self._base is not None:
-                    await self._bootstrap()
-                else:
-                    await self.converge()
+                await self._sync()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("could not reach the registry: %s", e)
 
-    async def _bootstrap(self) -> None:
-        await self.registry.ensure_base(self._base)
+    async def _sync(self) -> None:
+        """Register the base if that is still to do, then converge."""
+        if self._base is not None:
+            await self.registry.ensure_base(self._base)
+            self._base = None
         await self.converge()
-        self._base = None  # done: from now on, converge only
 
     # ---- converge ---------------------------------------------------------------------
 
