@@ -46,6 +46,37 @@ class Keys:
         """The single learner's lease: '<holder> <suffix>', with a TTL it keeps renewing."""
         return f"{self.prefix}:learner:lease"
 
+    # ---- users (instructloop/users.py) -------------------------------------------------
+
+    @property
+    def users(self) -> str:
+        """Hash: user id -> serialized admin_pb2.UserInfo (role, revoked, suspended)."""
+        return f"{self.prefix}:users"
+
+    @property
+    def credentials(self) -> str:
+        """Hash: SHA-256 (hex) of a user's token -> user id. Tokens are never stored."""
+        return f"{self.prefix}:credentials"
+
+    @property
+    def credential_of(self) -> str:
+        """Hash: user id -> SHA-256 (hex) of its token (to revoke it)."""
+        return f"{self.prefix}:credential_of"
+
+    @property
+    def user_quality(self) -> str:
+        """Hash: user id -> serialized admin_pb2.UserQuality, replaced by each round."""
+        return f"{self.prefix}:user_quality"
+
+    @property
+    def labeler_agreement(self) -> str:
+        """Hash: the latest round's inter-labeler agreement and its pair count."""
+        return f"{self.prefix}:labeler_agreement"
+
+    def rate_prefix(self) -> str:
+        """Prefix of the rate limiter's keys (one per user, kind and window)."""
+        return f"{self.prefix}:rate"
+
     # ---- model registry ----------------------------------------------------------------
 
     @property
@@ -73,6 +104,23 @@ class Keys:
         """Hash: the canary's share, promote_at, rollback_at, min_comparisons, and its
         live outcomes against current (wins, losses, ties)."""
         return f"{self.prefix}:canary"
+
+    @property
+    def canary_users(self) -> str:
+        """Set: the distinct users who judged the canary (deleted with the canary)."""
+        return f"{self.prefix}:canary:users"
+
+    @property
+    def canary_judged(self) -> str:
+        """Set: '<user> <prompt>' of every judgement counted for the canary, so each user's
+        judgement of a prompt counts once (deleted with the canary)."""
+        return f"{self.prefix}:canary:judged"
+
+    @property
+    def canary_decision(self) -> str:
+        """String with a TTL: the replica deciding the canary now. A replica that dies
+        while deciding leaves it to expire, and the next judgement decides."""
+        return f"{self.prefix}:canary:decision"
 
     @property
     def audit_stream(self) -> str:
