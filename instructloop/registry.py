@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -22,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import WatchError
 
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.secretfile import load_secret
 from instructloop.store import Manifest, ModelStore
 from instructloop.v1 import admin_pb2, records_pb2
 
@@ -68,22 +67,9 @@ class BadSignature(RegistryError):
 
 
 def load_registry_key(path: str | Path) -> bytes:
-    """The deployment's registry key: the file's contents, created (mode 0600, 32 random
-    bytes, hex) on first use. Every replica and the learner must read the same key."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it meanwhile
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-    key = path.read_text().strip().encode()
-    if len(key) < 16:
-        raise ValueError(f"the registry key in {path} is too short (at least 16 characters)")
-    return key
+    """The deployment's registry key (see secretfile.py). Every replica and the learner
+    must read the same key."""
+    return load_secret(path, "registry key")
 
 
 def _entry_bytes(info: admin_pb2.VersionInfo) -> bytes:
