@@ -99,12 +99,19 @@ class AdminClient:
         promote_at: float = 0.0,
         rollback_at: float = 0.0,
         min_comparisons: int = 0,
+        min_users: int = 0,
     ) -> admin_pb2.AliasChange:
         """Route `share` of traffic to a LoRA version ("" clears the canary). After
-        min_comparisons arena outcomes, a win rate >= promote_at promotes it and one
-        <= rollback_at ends it (0 disables either)."""
+        min_comparisons arena judgements (one per user and prompt) from at least min_users
+        distinct users (0: the server default, 5), a win rate >= promote_at promotes it
+        and one <= rollback_at ends it (0 disables either)."""
         request = admin_pb2.SetCanaryRequest(
-            version=version, share=share, reason=reason, promote_at=promote_at,
-            rollback_at=rollback_at, min_comparisons=min_comparisons,
-        )  # fmt: skip
+            version=version,
+            share=share,
+            reason=reason,
+            promote_at=promote_at,
+            rollback_at=rollback_at,
+            min_comparisons=min_comparisons,
+            min_users=min_users,
+        )
         return self._call(self._stub.SetCanary, request)

@@ -27,7 +27,8 @@ from .cli import _command, _print_json, connection_options
 from .sdk import default_target, tls_credentials
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def admin_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Parent parsers of every admin subcommand: connection and credential; --reason."""
     common, group = connection_options("connection and credential", timeout=30.0)
     group.add_argument(
         "--admin-token",
@@ -50,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     reason = argparse.ArgumentParser(add_help=False)
     reason.add_argument("--reason", default="", help="why, for the audit log")  # fmt: skip
+
+    return common, reason
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common, reason = admin_options()
 
     p = subparsers.add_parser(
         "models", help="list, promote and roll back model versions (admin)",
@@ -98,7 +105,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=50,
         metavar="N",
-        help="outcomes needed before either decision (default: 50)",
+        help="arena judgements needed before either decision, each user's judgement of a "
+        "prompt counted once (default: 50)",
+    )
+    q.add_argument(
+        "--min-users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="distinct users needed before the canary is promoted or ended; 0 = the server "
+        "default 5",
     )
     q.set_defaults(func=_command(_canary, _connect))
 
@@ -196,6 +212,7 @@ def _canary(args, admin: AdminClient, console: Console) -> int:
     change = admin.set_canary(
         version, args.share, args.reason, promote_at=args.promote_at,
         rollback_at=args.rollback_at, min_comparisons=args.min_comparisons,
+        min_users=args.min_users,
     )  # fmt: skip
     return _print_change(args, change, console)
 

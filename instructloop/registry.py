@@ -30,15 +30,53 @@ CURRENT, PREVIOUS, CANARY = "current", "previous", "canary"
 MAX_CANARY_SHARE = 0.5
 T = TypeVar("T")
 
-# Claim the decision on a canary for one replica: every replica counts outcomes and may see
-# the threshold crossed at once, but only the first claim wins, and only while the canary
-# is still that version (a decision clears it; a new canary starts with no claim).
-# KEYS: aliases, canary state. ARGV: canary alias name, version. Reply: 1 if claimed.
-_CLAIM_CANARY_DECISION = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-return redis.call('HSETNX', KEYS[2], 'decided', '1')
+# Count one judgement of the canary, atomically with the canary it belongs to: nothing is
+# counted unless the alias and the state hash both still name `version` (a replica that read
+# an old canary cannot add to a new one), and each user's judgement of a prompt counts once.
+# KEYS: aliases, canary state, canary judged, canary users.
+# ARGV: canary alias name, version, '<user> <prompt>', user, outcome field (wins, losses or
+# ties), then the state fields to reply with.
+# Reply: nil for an old canary; else the values of those fields, then the distinct users.
+_COUNT_CANARY_JUDGEMENT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return nil end
+if redis.call('HGET', KEYS[2], 'version') ~= ARGV[2] then return nil end
+if redis.call('SADD', KEYS[3], ARGV[3]) == 1 then
+  redis.call('SADD', KEYS[4], ARGV[4])
+  redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+end
+local reply = redis.call('HMGET', KEYS[2], unpack(ARGV, 6))
+reply[#reply + 1] = redis.call('SCARD', KEYS[4])
+return reply
 """
 
+# Claim the decision on a canary for one replica: every replica counts judgements and may
+# see the thresholds crossed at once, but only the first claim wins, and only while the
+# canary is still that version. The claim is a lease: a decider that dies leaves it to
+# expire, and the replica of a later judgement decides.
+# KEYS: aliases, canary decision. ARGV: canary alias name, version, lease ms.
+# Reply: 1 if claimed.
+_CLAIM_CANARY_DECISION = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+
+# Distinct users a canary needs before a decision when the operator gives 0, and how long a
+# replica holds the claim to decide (promote, then clear the canary) before another may.
+DEFAULT_MIN_USERS = 5
+CANARY_DECISION_LEASE_MS = 30_000
+# The canary state hash fields a decision reads, and the count each outcome increments.
+_CANARY_FIELDS = (
+    "share",
+    "wins",
+    "losses",
+    "ties",
+    "promote_at",
+    "rollback_at",
+    "min_comparisons",
+    "min_users",
+)
+_OUTCOME_FIELD = {1: "wins", -1: "losses", 0: "ties"}
 
 # Bounds: the audit stream keeps about this many newest records; a replica's heartbeat
 # is deleted this long after it stopped (a replica that stops cleanly deletes its own).
@@ -97,6 +135,7 @@ class Registry:
         self.redis = redis
         self.keys = keys
         self.signing_key = signing_key
+        self._count_canary_judgement = redis.register_script(_COUNT_CANARY_JUDGEMENT)
         self._claim_canary_decision = redis.register_script(_CLAIM_CANARY_DECISION)
 
     def _signature(self, info: admin_pb2.VersionInfo) -> str:
@@ -231,9 +270,14 @@ class Registry:
         promote_at: float = 0.0,
         rollback_at: float = 0.0,
         min_comparisons: int = 0,
+        min_users: int = 0,
     ) -> admin_pb2.AliasChange:
         """Route `share` of traffic to `version`; an empty version clears the canary.
-        Starting a canary resets its win/loss counts."""
+        After min_comparisons judgements from at least min_users distinct users (0: the
+        default, DEFAULT_MIN_USERS), a win rate >= promote_at promotes it and one <=
+        rollback_at ends it (0 turns either off). A new canary starts with nothing: no
+        counts, no judged users or prompts, no decision claim."""
+        state = {}
         if version:
             await self.get(version)
             if not 0 < share <= MAX_CANARY_SHARE:
@@ -241,26 +285,21 @@ class Registry:
             for name, value in (("promote_at", promote_at), ("rollback_at", rollback_at)):
                 if not 0 <= value <= 1:
                     raise ValueError(f"{name} is a win rate in [0, 1]; got {value}")
-
-        async def move(pipe) -> admin_pb2.AliasChange:
-            old = await self._watched_alias(pipe, CANARY)
-            pipe.multi()
-            pipe.delete(self.keys.canary)
-            if version:
-                pipe.hset(self.keys.aliases, CANARY, version)
-                pipe.hset(self.keys.canary, mapping={
-                    "share": repr(float(share)), "promote_at": repr(float(promote_at)),
-                    "rollback_at": repr(float(rollback_at)),
-                    "min_comparisons": int(min_comparisons),
-                    "wins": 0, "losses": 0, "ties": 0,
-                })  # fmt: skip
-            else:
-                pipe.hdel(self.keys.aliases, CANARY)
-            self._audit(pipe, actor, "canary", CANARY, old, version, reason or f"share={share}")
-            self._event(pipe, "canary", CANARY, version)
-            return self._change(CANARY, old, version, actor)
-
-        return await self._transaction(move, self.keys.aliases)
+            for name, count in (("min_comparisons", min_comparisons), ("min_users", min_users)):
+                if count < 0:
+                    raise ValueError(f"{name} is a count; got {count}")
+            state = {
+                "version": version,
+                "share": repr(float(share)),
+                "promote_at": repr(float(promote_at)),
+                "rollback_at": repr(float(rollback_at)),
+                "min_comparisons": int(min_comparisons),
+                "min_users": int(min_users) or DEFAULT_MIN_USERS,
+                "wins": 0,
+                "losses": 0,
+                "ties": 0,
+            }
+        return await self._move_canary(actor, version, state, reason or f"share={share}")
 
     async def canary(self) -> tuple[str | None, float]:
         """The canary version and its traffic share (None, 0.0 when there is none)."""
@@ -268,52 +307,96 @@ class Registry:
         return (state.version or None), state.share
 
     async def canary_state(self) -> admin_pb2.CanaryState:
-        version = await self.alias(CANARY)
-        raw = await self.redis.hgetall(self.keys.canary)
-        if not version or not raw:
-            return admin_pb2.CanaryState()
-        f = {k.decode(): v.decode() for k, v in raw.items()}
-        wins, losses, ties = int(f.get("wins", 0)), int(f.get("losses", 0)), int(f.get("ties", 0))
-        total = wins + losses + ties
-        return admin_pb2.CanaryState(
-            version=version, share=float(f.get("share", 0)), wins=wins, losses=losses,
-            ties=ties, win_rate=(wins + ties / 2) / total if total else 0.0,
-            promote_at=float(f.get("promote_at", 0)), rollback_at=float(f.get("rollback_at", 0)),
-            min_comparisons=int(f.get("min_comparisons", 0)),
-        )  # fmt: skip
-
-    async def record_canary_outcomes(self, version: str, wins: int, losses: int, ties: int) -> str:
-        """Count preference outcomes of `version` (the canary) against current, then act
-        on the operator's thresholds. Returns "", "promoted", "ended" or "frozen"."""
-        if await self.alias(CANARY) != version:
-            return ""  # the canary changed meanwhile: these outcomes are for an old one
+        """The canary, its thresholds and its live counts, read in one transaction."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self.keys.canary, "wins", wins)
-            pipe.hincrby(self.keys.canary, "losses", losses)
-            pipe.hincrby(self.keys.canary, "ties", ties)
-            await pipe.execute()
-        state = await self.canary_state()
+            pipe.hget(self.keys.aliases, CANARY)
+            pipe.hmget(self.keys.canary, _CANARY_FIELDS)
+            pipe.scard(self.keys.canary_users)
+            version, values, users = await pipe.execute()
+        if version is None or not any(values):
+            return admin_pb2.CanaryState()
+        return _canary_state(version.decode(), values, users)
+
+    async def record_canary_judgement(
+        self, version: str, user_id: str, prompt_id: str, outcome: int
+    ) -> str:
+        """Count one user's judgement of an arena response of `version`, the canary
+        (outcome +1: its samples ranked better than current's, -1: worse, 0: even), then
+        act on the operator's thresholds. Returns "", "promoted", "ended" or "frozen".
+
+        The count is one Lua script, so it lands on the canary it was meant for or not at
+        all, and a user's judgement of a prompt counts once however often it is sent.
+        Bounds: the judged set holds one '<user> <prompt>' per counted judgement and the
+        user set one id per judging user, of this canary only; both are deleted when the
+        canary is cleared, decided or replaced (prompt ids have no spaces, so a member
+        reads unambiguously)."""
+        field = _OUTCOME_FIELD.get(outcome)
+        if field is None:
+            raise ValueError(f"a canary outcome is +1, -1 or 0; got {outcome!r}")
+        keys = self.keys
+        reply = await self._count_canary_judgement(
+            keys=[keys.aliases, keys.canary, keys.canary_judged, keys.canary_users],
+            args=[CANARY, version, f"{user_id} {prompt_id}", user_id, field, *_CANARY_FIELDS],
+        )
+        if reply is None:
+            return ""  # the canary changed meanwhile: this judgement is of an old one
+        *values, users = reply
+        return await self._decide_canary(_canary_state(version, values, users))
+
+    async def _decide_canary(self, state: admin_pb2.CanaryState) -> str:
+        """Promote or end the canary once its counts cross the operator's thresholds. One
+        replica decides, under a lease (CANARY_DECISION_LEASE_MS); if it dies before the
+        canary is cleared, the lease expires and the next judgement's replica decides
+        (promoting an already current version changes nothing)."""
         total = state.wins + state.losses + state.ties
-        if state.version != version or total < max(state.min_comparisons, 1):
+        if total < max(state.min_comparisons, 1) or state.users < state.min_users:
             return ""
         promote = bool(state.promote_at) and state.win_rate >= state.promote_at
         end = bool(state.rollback_at) and state.win_rate <= state.rollback_at
         if not (promote or end):
             return ""
-        claim = [self.keys.aliases, self.keys.canary], [CANARY, version]
-        if not await self._claim_canary_decision(*claim):
+        claimed = await self._claim_canary_decision(
+            keys=[self.keys.aliases, self.keys.canary_decision],
+            args=[CANARY, state.version, CANARY_DECISION_LEASE_MS],
+        )
+        if not claimed:
             return ""  # another replica decides this canary
-        why = f"canary win rate {state.win_rate:.3f} over {total} comparisons"
+        why = f"win rate {state.win_rate:.3f} over {total} judgements by {state.users} users"
         if promote:
             try:
-                await self.promote(version, "canary-judge", why, auto=True)
+                await self.promote(state.version, "canary-judge", why, auto=True)
             except Frozen:
-                await self.redis.hdel(self.keys.canary, "decided")  # decide after unfreeze
+                await self.redis.delete(self.keys.canary_decision)  # decide after unfreeze
                 return "frozen"
-            await self.set_canary("canary-judge", "", 0.0, f"promoted: {why}")
+            await self._move_canary("canary-judge", "", {}, f"promoted: {why}", state.version)
             return "promoted"
-        await self.set_canary("canary-judge", "", 0.0, f"ended: {why}")
+        await self._move_canary("canary-judge", "", {}, f"ended: {why}", state.version)
         return "ended"
+
+    async def _move_canary(
+        self, actor: str, version: str, state: dict, reason: str, only_from: str | None = None
+    ) -> admin_pb2.AliasChange:
+        """canary := version ("" clears it), with `state` as its state hash. The old
+        canary's counts, judged set, user set and decision claim go in the same
+        transaction. With `only_from`, nothing changes unless the canary is that version."""
+
+        async def move(pipe) -> admin_pb2.AliasChange:
+            old = await self._watched_alias(pipe, CANARY)
+            if only_from is not None and old != only_from:
+                return self._change(CANARY, old, old, actor)  # decided or replaced meanwhile
+            pipe.multi()
+            keys = self.keys
+            pipe.delete(keys.canary, keys.canary_users, keys.canary_judged, keys.canary_decision)
+            if version:
+                pipe.hset(keys.aliases, CANARY, version)
+                pipe.hset(keys.canary, mapping=state)
+            else:
+                pipe.hdel(keys.aliases, CANARY)
+            self._audit(pipe, actor, "canary", CANARY, old, version, reason)
+            self._event(pipe, "canary", CANARY, version)
+            return self._change(CANARY, old, version, actor)
+
+        return await self._transaction(move, self.keys.aliases)
 
     # ---- freeze -----------------------------------------------------------------------
 
@@ -425,6 +508,27 @@ class Registry:
         return admin_pb2.AliasChange(
             alias=alias, from_version=old or "", to_version=new, actor=actor, at=now_ts()
         )
+
+
+def _canary_state(version: str, values: list[bytes | None], users: int) -> admin_pb2.CanaryState:
+    """A CanaryState from the state hash's values of _CANARY_FIELDS (in that order, None
+    where absent) and the canary's distinct-user count."""
+    fields = {k: v.decode() for k, v in zip(_CANARY_FIELDS, values, strict=True) if v is not None}
+    wins, losses, ties = (int(fields.get(k, 0)) for k in ("wins", "losses", "ties"))
+    total = wins + losses + ties
+    return admin_pb2.CanaryState(
+        version=version,
+        share=float(fields.get("share", 0)),
+        wins=wins,
+        losses=losses,
+        ties=ties,
+        win_rate=(wins + ties / 2) / total if total else 0.0,
+        promote_at=float(fields.get("promote_at", 0)),
+        rollback_at=float(fields.get("rollback_at", 0)),
+        min_comparisons=int(fields.get("min_comparisons", 0)),
+        min_users=int(fields.get("min_users", DEFAULT_MIN_USERS)),
+        users=users,
+    )
 
 
 def version_info(manifest: Manifest, store: ModelStore) -> admin_pb2.VersionInfo:

@@ -187,5 +187,5 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return await self.registry.set_canary(
             _actor(context), request.version, request.share, request.reason,
             promote_at=request.promote_at, rollback_at=request.rollback_at,
-            min_comparisons=request.min_comparisons,
+            min_comparisons=request.min_comparisons, min_users=request.min_users,
         )  # fmt: skip

@@ -2,8 +2,10 @@
 
 A canary-routed Generate with n >= 2 is split: some samples come from the canary, the
 rest from current, at shuffled positions, so a user's ranking of that one response
-compares the two versions directly. The outcomes of every canary-vs-current pair in a
-judgement feed the canary's live win rate (Registry.record_canary_outcomes).
+compares the two versions directly. Each judgement is one outcome, however many samples
+it orders (`canary_outcome`): counting every canary-vs-current pair would let one ranking
+of n=16 samples weigh as 64 outcomes. Registry.record_canary_judgement counts it once per
+user and prompt and decides the canary.
 """
 
 from __future__ import annotations
@@ -66,15 +68,17 @@ def _ranks(feedback: api_pb2.SubmitFeedbackRequest) -> dict[str, float]:
     return {}
 
 
-def canary_outcomes(
+def canary_outcome(
     feedback: api_pb2.SubmitFeedbackRequest, record: records_pb2.PromptRecord, canary: str
-) -> tuple[int, int, int]:
-    """(wins, losses, ties) of canary samples against other-version samples."""
+) -> int | None:
+    """One judgement's outcome for the canary: +1 if the user ranked the canary's samples
+    better on average (lower mean rank) than the other version's, -1 if worse, 0 if even.
+    None if the judgement orders no canary sample against another version's sample."""
     version_of = {s.sample_id: s.version for s in record.samples}
     ranks = _ranks(feedback)
     ours = [r for sid, r in ranks.items() if version_of.get(sid) == canary]
     theirs = [r for sid, r in ranks.items() if version_of.get(sid) not in (canary, None)]
-    wins = sum(a < b for a in ours for b in theirs)
-    losses = sum(a > b for a in ours for b in theirs)
-    ties = sum(a == b for a in ours for b in theirs)
-    return wins, losses, ties
+    if not ours or not theirs:
+        return None
+    ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
+    return (ours_mean < theirs_mean) - (ours_mean > theirs_mean)
