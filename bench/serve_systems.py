@@ -167,6 +167,9 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
             "--max-model-len", str(args.max_model_len),
             "--dtype", args.dtype,
             "--cpu-placement" if args.cpu_placement else "--no-cpu-placement",
+            # Serving is measured alone, like vLLM's own server: no credentials, no
+            # per-user rate limit on the load generator's one user.
+            "--open", "--rate-limit-samples", "",
         ]  # fmt: skip
         server = Proc("grpc server", cmd, workdir / "grpc-server.log")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

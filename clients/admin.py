@@ -115,3 +115,26 @@ class AdminClient:
             min_users=min_users,
         )
         return self._call(self._stub.SetCanary, request)
+
+    # ---- users --------------------------------------------------------------------------
+
+    def add_user(self, user_id: str, role: str = "labeler") -> admin_pb2.AddUserResponse:
+        """Create a user; the response's token is its credential, shown this once."""
+        request = admin_pb2.AddUserRequest(user_id=user_id, role=role)
+        return self._call(self._stub.AddUser, request)
+
+    def list_users(self) -> admin_pb2.ListUsersResponse:
+        return self._call(self._stub.ListUsers, admin_pb2.ListUsersRequest())
+
+    def revoke_user(self, user_id: str, reason: str = "") -> admin_pb2.UserInfo:
+        return self._call(
+            self._stub.RevokeUser, admin_pb2.UserRequest(user_id=user_id, reason=reason)
+        )
+
+    def suspend_user(
+        self, user_id: str, reason: str = "", suspend: bool = True
+    ) -> admin_pb2.UserInfo:
+        """Suspend a user (suspend=False reinstates it): its feedback is refused and the
+        learner leaves all of it out of its next round."""
+        request = admin_pb2.SuspendUserRequest(user_id=user_id, suspend=suspend, reason=reason)
+        return self._call(self._stub.SuspendUser, request)

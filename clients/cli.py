@@ -28,7 +28,7 @@ from rich.text import Text
 
 from instructloop.v1 import api_pb2
 
-from .sdk import Client, default_target, tls_credentials
+from .sdk import Client, default_target, default_user_token, tls_credentials
 
 
 class UsageError(Exception):
@@ -68,13 +68,22 @@ def connection_options(title: str, timeout: float) -> tuple[argparse.ArgumentPar
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the generate, feedback and model subcommands to the `instructloop` parser."""
-    common, _ = connection_options("connection and output", timeout=60.0)
+    common, group = connection_options("connection and output", timeout=60.0)
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=None,
+        help="file holding your credential (from `instructloop users add`); default: "
+        "$INSTRUCTLOOP_TOKEN, else DATA_DIR/user-token, which `instructloop up` writes",
+    )
     user = argparse.ArgumentParser(add_help=False)
     user.add_argument(
         "--user",
         metavar="USER",
         default=None,
-        help="user id sent with the call (default: $INSTRUCTLOOP_USER, else your login name)",
+        help="user id sent with the call: the server takes it from your credential, so set it "
+        "only for a server in open mode (default: $INSTRUCTLOOP_USER; with no credential, "
+        "your login name)",
     )
     formatter = argparse.RawDescriptionHelpFormatter
 
@@ -239,10 +248,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_command(_model))
 
 
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                return f.read().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read --token-file: {e.strerror}") from None
+    return default_user_token()
+
+
 def _public_client(args: argparse.Namespace) -> Client:
     timeout = args.timeout if args.timeout > 0 else None
     return Client(
-        args.target or default_target(), timeout=timeout, credentials=tls_credentials(args.tls_ca)
+        args.target or default_target(),
+        timeout=timeout,
+        credentials=tls_credentials(args.tls_ca),
+        token=_token(args),
     )
 
 
@@ -277,10 +299,14 @@ def _command(
 
 
 def _user(args: argparse.Namespace) -> str:
+    """The user id to send: --user, $INSTRUCTLOOP_USER, else empty (the server takes it
+    from the credential), or the login name when there is no credential (open mode)."""
     if args.user:
         return args.user
     if os.environ.get("INSTRUCTLOOP_USER"):
         return os.environ["INSTRUCTLOOP_USER"]
+    if _token(args):
+        return ""
     try:
         return getpass.getuser()
     except (OSError, KeyError):  # no login name in some containers
@@ -404,8 +430,8 @@ def _samples_table(response: api_pb2.GenerateResponse) -> Table:
 
 def _feedback_user(args: argparse.Namespace) -> str:
     user = _user(args)
-    if not user:
-        raise UsageError("no user id: pass --user or set INSTRUCTLOOP_USER")
+    if not user and not _token(args):
+        raise UsageError("no credential and no user id: pass --token-file, or --user (open mode)")
     return user
 
 

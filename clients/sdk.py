@@ -10,16 +10,20 @@ fails with UNAVAILABLE is retried with exponential backoff inside one deadline. 
 calls always carry an idempotency key (one uuid4 per call when none is given), so a
 retried SubmitFeedback is recorded once.
 
-    with Client("localhost:50051") as client:
-        response = client.generate("Write a haiku about queues.", n=4, user_id="ann")
+Every call carries the caller's credential (`token`, from `instructloop users add`); the
+server derives the user id from it, so user_id arguments can stay empty.
+
+    with Client("localhost:50051", token=os.environ["INSTRUCTLOOP_TOKEN"]) as client:
+        response = client.generate("Write a haiku about queues.", n=4)
         ids = [s.sample_id for s in response.samples]
-        client.rank(response.prompt_id, [ids[2], (ids[0], ids[1]), ids[3]], user_id="ann")
+        client.rank(response.prompt_id, [ids[2], (ids[0], ids[1]), ids[3]])
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 import grpc
@@ -30,7 +34,14 @@ from instructloop.v1 import api_pb2, api_pb2_grpc
 from . import wire
 from .wire import Metadata, RankItem
 
-__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "default_target", "tls_credentials"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "Client",
+    "default_target",
+    "default_user_token",
+    "tls_credentials",
+]
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -38,6 +49,16 @@ DEFAULT_TARGET = "localhost:50051"
 def default_target() -> str:
     """The server address: $INSTRUCTLOOP_TARGET, else localhost:50051."""
     return os.environ.get("INSTRUCTLOOP_TARGET") or DEFAULT_TARGET
+
+
+def default_user_token(data_dir: str | None = None) -> str:
+    """The caller's credential: $INSTRUCTLOOP_TOKEN, else the file DATA_DIR/user-token
+    ($INSTRUCTLOOP_DATA_DIR or ./data; `instructloop up` writes it), else ""."""
+    token = os.environ.get("INSTRUCTLOOP_TOKEN", "")
+    if token:
+        return token
+    path = Path(data_dir or os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")) / "user-token"
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def tls_credentials(ca_file: str | None = None) -> grpc.ChannelCredentials | None:
@@ -59,11 +80,16 @@ class _Base:
         timeout: float | None,
         max_attempts: int,
         metadata: Metadata | None,
+        token: str | None,
     ) -> None:
         self.target = target or default_target()
         self.timeout = timeout
         self.max_attempts = max_attempts
-        self.metadata = wire.normalize_metadata(metadata) or None
+        token = default_user_token() if token is None else token
+        pairs = wire.normalize_metadata(metadata)
+        if token and not any(key == "authorization" for key, _ in pairs):
+            pairs = [("authorization", f"Bearer {token}"), *pairs]
+        self.metadata = tuple(pairs) or None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -83,16 +109,18 @@ class Client(_Base):
         max_attempts: int = 4,
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         """Connect lazily to target (default: $INSTRUCTLOOP_TARGET or localhost:50051).
 
-        timeout is the default deadline in seconds of each call (None: no deadline);
-        max_attempts bounds gRPC's retries on UNAVAILABLE (at most 5); metadata is sent
-        with every call (e.g. {"authorization": "Bearer ..."}); credentials make the
-        channel a TLS channel (default: TLS trusting $INSTRUCTLOOP_TLS_CA when it is set,
-        see tls_credentials).
+        token is the caller's credential, sent as `authorization: Bearer <token>` with
+        every call (default: default_user_token(); "" sends none, for a server in open
+        mode); timeout is the default deadline in seconds of each call (None: no
+        deadline); max_attempts bounds gRPC's retries on UNAVAILABLE (at most 5);
+        metadata is sent with every call; credentials make the channel a TLS channel
+        (default: TLS trusting $INSTRUCTLOOP_TLS_CA when it is set, see tls_credentials).
         """
-        super().__init__(target, timeout, max_attempts, metadata)
+        super().__init__(target, timeout, max_attempts, metadata, token)
         options = wire.channel_options(max_attempts)
         credentials = credentials or tls_credentials()
         if credentials is None:
@@ -188,7 +216,7 @@ class Client(_Base):
         prompt_id: str,
         ranking: Sequence[RankItem],
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -204,7 +232,7 @@ class Client(_Base):
         chosen: str,
         rejected: str = "",
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -218,7 +246,7 @@ class Client(_Base):
         prompt_id: str,
         text: str,
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -232,7 +260,7 @@ class Client(_Base):
         prompt_id: str,
         scores: Mapping[str, float],
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -271,9 +299,10 @@ class AsyncClient(_Base):
         max_attempts: int = 4,
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         """Same arguments as Client. Create it inside the event loop that will use it."""
-        super().__init__(target, timeout, max_attempts, metadata)
+        super().__init__(target, timeout, max_attempts, metadata, token)
         options = wire.channel_options(max_attempts)
         credentials = credentials or tls_credentials()
         if credentials is None:
@@ -371,7 +400,7 @@ class AsyncClient(_Base):
         prompt_id: str,
         ranking: Sequence[RankItem],
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -387,7 +416,7 @@ class AsyncClient(_Base):
         chosen: str,
         rejected: str = "",
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -401,7 +430,7 @@ class AsyncClient(_Base):
         prompt_id: str,
         text: str,
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:
@@ -415,7 +444,7 @@ class AsyncClient(_Base):
         prompt_id: str,
         scores: Mapping[str, float],
         *,
-        user_id: str,
+        user_id: str = "",
         idempotency_key: str = "",
         timeout: float | None = None,
     ) -> api_pb2.SubmitFeedbackResponse:

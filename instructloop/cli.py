@@ -2,7 +2,7 @@
 
 Server side:  serve, init-model, learn; up (Redis + server + learner), simulate (users).
 Client side:  generate, feedback, model (instructloop.clients.cli);
-              models (instructloop.clients.models_cli, admin).
+              models, users (instructloop.clients.models_cli, users_cli: admin).
 Heavy imports (vLLM, torch) happen inside the subcommand that needs them, so the client
 commands start fast.
 """
@@ -50,7 +50,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
-    from instructloop.clients import models_cli
+    from instructloop.clients import models_cli, users_cli
     from instructloop.learner import cli as learner_cli
     from instructloop.loop import cli as loop_cli
     from instructloop.pretrain import PretrainConfig
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_cli.register(sub)
     models_cli.register(sub)
+    users_cli.register(sub)
     learner_cli.register(sub)
     loop_cli.register(sub)
     return parser

@@ -1,15 +1,17 @@
-"""The Admin gRPC service (operators) and the credential check that guards it.
+"""The Admin gRPC service (operators): versions, canary, users.
 
-Every Admin call needs `authorization: Bearer <token>` in its metadata: none gives
-UNAUTHENTICATED, a wrong one PERMISSION_DENIED. The caller may name itself with
-`x-instructloop-actor`; the name goes to the audit stream with every change.
+Every Admin call needs an admin credential, `authorization: Bearer <token>`: the
+deployment's admin token, or the token of a user with role admin (serve/auth.py). None,
+or an unknown or revoked one, gives UNAUTHENTICATED; another role PERMISSION_DENIED. The
+actor written to the audit stream is the user; a caller with the shared admin token may
+name itself with `x-instructloop-actor`.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
+from contextvars import ContextVar
 
 import grpc
 from redis.exceptions import RedisError
@@ -22,45 +24,22 @@ from instructloop.registry import (
     UnknownVersion,
 )
 from instructloop.store import ModelStore, VersionError
+from instructloop.users import UnknownUser, UserError, UserStore
 from instructloop.v1 import admin_pb2, admin_pb2_grpc
 
+from .auth import ADMIN_USER, Authenticator
+from .errors import PermissionDenied, Unauthenticated
+
 log = logging.getLogger(__name__)
-ADMIN_PREFIX = "/instructloop.v1.Admin/"
 ACTOR_HEADER = "x-instructloop-actor"
-MISSING_CREDENTIAL = (
-    "admin call without credential: send 'authorization: Bearer <admin token>' "
-    "(the CLI: instructloop models --admin-token, or $INSTRUCTLOOP_ADMIN_TOKEN)"
-)
-
-
-class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses Admin calls without the right bearer token; other services pass through."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, details):
-        if not details.method.startswith(ADMIN_PREFIX):
-            return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization")
-        if not given:
-            return _deny(grpc.StatusCode.UNAUTHENTICATED, MISSING_CREDENTIAL)
-        if not hmac.compare_digest(given.encode(), self._expected):
-            log.warning("admin call with a wrong credential", extra={"method": details.method})
-            return _deny(grpc.StatusCode.PERMISSION_DENIED, "the admin credential is not valid")
-        return await continuation(details)
-
-
-def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request, context):
-        await context.abort(code, message)
-
-    return grpc.unary_unary_rpc_method_handler(abort)
 
 
 _STATUS = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     UnknownVersion: grpc.StatusCode.NOT_FOUND,
+    UnknownUser: grpc.StatusCode.NOT_FOUND,
+    UserError: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToRollBackTo: grpc.StatusCode.FAILED_PRECONDITION,
     Frozen: grpc.StatusCode.FAILED_PRECONDITION,
     VersionError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -98,16 +77,29 @@ async def _check_sizes(request, context) -> None:
             )
 
 
+_CALLER: ContextVar[str] = ContextVar("admin_caller", default=ADMIN_USER)
+
+
 def _actor(context) -> str:
-    metadata = dict(context.invocation_metadata() or ())
-    return metadata.get(ACTOR_HEADER, "admin")[:128]
+    """Who makes this call, for the audit stream (set by _admin_call)."""
+    return _CALLER.get()
 
 
 def _admin_call(method):
-    """Checks the request's sizes, runs the call, maps its failure to one status (_fail)."""
+    """Authenticates an admin, checks the request's sizes, runs the call, maps its
+    failure to one status (_fail)."""
 
     @functools.wraps(method)
     async def call(self, request, context):
+        try:
+            metadata = context.invocation_metadata() or ()
+            caller = await self.auth.admin(metadata)
+            if caller.user_id == ADMIN_USER:  # the shared token: the operator names itself
+                _CALLER.set(dict(metadata).get(ACTOR_HEADER, ADMIN_USER)[:128])
+            else:
+                _CALLER.set(caller.user_id)
+        except Exception as e:
+            await _fail(context, e)
         await _check_sizes(request, context)
         try:
             return await method(self, request, context)
@@ -120,9 +112,13 @@ def _admin_call(method):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, registry: Registry, store: ModelStore):
+    def __init__(
+        self, registry: Registry, store: ModelStore, users: UserStore, auth: Authenticator
+    ):
         self.registry = registry
         self.store = store
+        self.users = users
+        self.auth = auth
 
     @_admin_call
     async def ListVersions(self, request, context):
@@ -189,3 +185,34 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             promote_at=request.promote_at, rollback_at=request.rollback_at,
             min_comparisons=request.min_comparisons, min_users=request.min_users,
         )  # fmt: skip
+
+    # ---- users --------------------------------------------------------------------------
+
+    @_admin_call
+    async def AddUser(self, request, context):
+        info, token = await self.users.add(request.user_id, request.role, _actor(context))
+        log.info("user added", extra={"user": info.user_id, "role": info.role,
+                                      "actor": info.actor})  # fmt: skip
+        return admin_pb2.AddUserResponse(user=info, token=token)
+
+    @_admin_call
+    async def ListUsers(self, request, context):
+        agreement, pairs = await self.users.labeler_agreement()
+        return admin_pb2.ListUsersResponse(
+            users=await self.users.list(),
+            labeler_agreement=agreement,
+            labeler_agreement_pairs=pairs,
+        )
+
+    @_admin_call
+    async def RevokeUser(self, request, context):
+        info = await self.users.revoke(request.user_id)
+        log.info("user revoked", extra={"user": info.user_id, "actor": _actor(context)})
+        return info
+
+    @_admin_call
+    async def SuspendUser(self, request, context):
+        info = await self.users.suspend(request.user_id, request.suspend, request.reason)
+        log.info("user suspended" if request.suspend else "user reinstated",
+                 extra={"user": info.user_id, "actor": _actor(context)})  # fmt: skip
+        return info

@@ -24,15 +24,18 @@ from instructloop.redact import redact_url
 from instructloop.redis_embedded import EmbeddedRedis
 from instructloop.registry import Registry, load_registry_key, now_ts
 from instructloop.store import ModelStore
+from instructloop.users import UserStore
 from instructloop.v1 import admin_pb2, admin_pb2_grpc, api_pb2, api_pb2_grpc
 
 from . import placement
-from .admin import AdminAuthInterceptor, AdminServicer
+from .admin import AdminServicer
+from .auth import Authenticator
 from .config import ServerConfig
 from .engine import EngineError, VllmEngine
 from .errors import Unavailable
 from .logstore import LogStore, RedisSettingsError
 from .metrics import Metrics
+from .ratelimit import RateLimiter, parse_limits
 from .servicer import InstructLoopServicer
 from .versions import VersionFollower
 
@@ -156,8 +159,20 @@ async def serve(cfg: ServerConfig) -> None:
             redis_proc.stop()
         raise SystemExit(f"error: {e}") from None
     # Bind both ports before the engine's slow start, so nothing can take them meanwhile.
+    try:
+        rate_limits = {
+            "samples": parse_limits(cfg.limits.rate_limit_samples, "--rate-limit-samples"),
+            "feedback": parse_limits(cfg.limits.rate_limit_feedback, "--rate-limit-feedback"),
+        }
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    too_low = [i for i in rate_limits["samples"] if i.amount < cfg.limits.max_n]
+    if too_low:
+        raise SystemExit(
+            f"error: --rate-limit-samples {too_low[0]} is below --max-n {cfg.limits.max_n}: "
+            "a Generate call with n = max-n could never be admitted"
+        )
     server = grpc.aio.server(
-        interceptors=[AdminAuthInterceptor(admin_token(cfg))],
         options=[
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -191,9 +206,25 @@ async def serve(cfg: ServerConfig) -> None:
         created=now_ts(),
     )  # fmt: skip
     await follower.start(base)
-    servicer = InstructLoopServicer(engine, store, cfg.limits, metrics, follower)
+    users = UserStore(store.redis, Keys(cfg.redis_prefix))
+    auth = Authenticator(users, admin_token(cfg), cache_s=cfg.auth_cache_s, open_mode=cfg.open)
+    if cfg.open:
+        log.warning(
+            "open mode (--open): the public service takes calls without a credential and "
+            "believes the user_id they name; anyone who reaches the port can judge as anyone. "
+            "For local experiments only."
+        )
+    rate = RateLimiter(
+        store.redis, Keys(cfg.redis_prefix).rate_prefix(), rate_limits, cfg.redis_timeout_s,
+        on_unchecked=metrics.rate_unchecked.inc,
+    )  # fmt: skip
+    servicer = InstructLoopServicer(
+        engine, store, cfg.limits, metrics, follower, auth=auth, rate=rate
+    )
     api_pb2_grpc.add_InstructLoopServicer_to_server(servicer, server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(registry, model_store), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(registry, model_store, users, auth), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -47,6 +47,18 @@ class Limits:
     max_message_bytes: int = field(
         default=1 << 20, metadata={"help": "Largest gRPC request message, in bytes."}
     )
+    rate_limit_samples: str = field(
+        default="3000/minute",
+        metadata={
+            "help": "Samples (the n of Generate calls) each user may ask for, as `limits` "
+            "writes it: '3000/minute', or several joined by ';' ('600/minute;100000/day'). "
+            "Over it: RESOURCE_EXHAUSTED with retry-after. Empty: no limit."
+        },
+    )
+    rate_limit_feedback: str = field(
+        default="120/minute;10000/day",
+        metadata={"help": "SubmitFeedback calls each user may make (same notation)."},
+    )
 
 
 @dataclass
@@ -128,6 +140,21 @@ class ServerConfig:
     model_store: str = field(
         default="",
         metadata={"help": "Published versions (a shared volume). Empty: DATA_DIR/store."},
+    )
+    open: bool = field(
+        default=False,
+        metadata={
+            "help": "Open mode, for local experiments only: the public service takes calls "
+            "without a credential and believes the user_id they name (anyone can then "
+            "judge as anyone). Logged as a warning. Admin calls still need the admin token."
+        },
+    )
+    auth_cache_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "How long a replica reuses a checked credential: a revoked or suspended "
+            "user is refused at most this long after the change."
+        },
     )
     admin_token: str = field(
         default="",

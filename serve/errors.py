@@ -27,3 +27,11 @@ class ResourceExhausted(ApiError):
 
 class Unavailable(ApiError):
     """A dependency (engine, Redis) is down; safe to retry."""
+
+
+class Unauthenticated(ApiError):
+    """No credential, or one that is unknown or revoked."""
+
+
+class PermissionDenied(ApiError):
+    """A valid credential whose role or state does not allow this call."""

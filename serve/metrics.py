@@ -54,6 +54,19 @@ class Metrics:
             "instructloop_engine_unfinished_requests", "Requests inside the engine.", registry=r
         )
 
+        self.rate_limited = Counter(
+            "instructloop_rate_limited",
+            "Calls refused with RESOURCE_EXHAUSTED for a user over a rate limit or quota, by "
+            "kind (samples, feedback).",
+            ["kind"],
+            registry=r,
+        )
+        self.rate_unchecked = Counter(
+            "instructloop_rate_unchecked",
+            "Calls admitted without a rate-limit check because Redis did not answer.",
+            registry=r,
+        )
+
         self.swaps = Counter(
             "instructloop_swaps", "Version swaps by mode and result (ok, refused).",
             ["mode", "result"], registry=r,

@@ -21,22 +21,28 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
 
 from . import arena, validation
+from .auth import Authenticator
 from .config import Limits
 from .engine import Engine, EngineError, Lease, SampleDelta, VersionNotLoaded
 from .errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from .logstore import LogStore
 from .metrics import Metrics
+from .ratelimit import OverLimit, RateLimiter
 from .versions import VersionFollower
 
 log = logging.getLogger(__name__)
 
 _STATUS = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -59,12 +65,15 @@ def _rpc(method):
     name = method.__name__
 
     async def fail(self, context, e: Exception):
-        code = _STATUS.get(type(e))
+        code = next((c for kind, c in _STATUS.items() if isinstance(e, kind)), None)
         if code is None:
             log.exception("internal error in %s", name)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {e.__class__.__name__}"
         else:
             message = str(e)
+        if isinstance(e, OverLimit):
+            self.metrics.rate_limited.labels(e.kind).inc()
+            context.set_trailing_metadata((("retry-after", f"{e.retry_after_s:.1f}"),))
         self.metrics.requests.labels(name, code.name).inc()
         log.info("rpc failed", extra={"method": name, "code": code.name, "error": message})
         await context.abort(code, message)
@@ -77,6 +86,7 @@ def _rpc(method):
     async def unary_wrapper(self, request, context):
         started = time.perf_counter()
         try:
+            await self._authorize(name, request, context)
             result = await method(self, request, context)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -173,13 +183,46 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         limits: Limits,
         metrics: Metrics,
         follower: VersionFollower | None = None,
+        *,
+        auth: Authenticator,
+        rate: RateLimiter,
     ):
         self.engine = engine
         self.store = store
         self.limits = limits
         self.metrics = metrics
         self.follower = follower
+        self.auth = auth
+        self.rate = rate
         self._inflight = 0
+
+    # ---- who may call -----------------------------------------------------------------
+
+    async def _authorize(self, method: str, request, context) -> None:
+        """Authenticate the caller and check its role for `method`; the request's user_id
+        becomes the caller's (another user's id is refused). In open mode a call without
+        a credential keeps the user_id it names."""
+        caller = await self.auth.caller(context.invocation_metadata())
+        if caller is None:
+            return
+        if method == "SubmitFeedback":
+            if not caller.may_judge():
+                raise PermissionDenied(
+                    f"user {caller.user_id!r} has role {caller.role!r}, which may not judge; "
+                    "feedback needs a labeler credential"
+                )
+            if caller.suspended:
+                raise PermissionDenied(
+                    f"user {caller.user_id!r} is suspended; its feedback is not accepted"
+                )
+        if not hasattr(request, "user_id"):
+            return
+        if request.user_id and request.user_id != caller.user_id:
+            raise PermissionDenied(
+                f"the credential is user {caller.user_id!r}; it cannot act as user "
+                f"{request.user_id[:80]!r} (leave user_id empty)"
+            )
+        request.user_id = caller.user_id
 
     # ---- generation -------------------------------------------------------------------
 
@@ -295,6 +338,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         """One Generate call: its deltas when streaming, then the response (logged)."""
         started = time.perf_counter()
         job = self._admit(request)
+        await self.rate.hit("samples", job.user_id, job.spec.n)
         prompt_id = _new_id("p")
         # Counted from admission, so calls waiting for a lease (during a full swap) count
         # against --max-concurrent-requests too: the queue behind a swap is bounded.
@@ -357,6 +401,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         kind = request.WhichOneof("kind") or "none"
         try:
             validation.validate_feedback_shape(request, self.limits)
+            await self.rate.hit("feedback", request.user_id)
             prompt = await self.store.get_prompt(request.prompt_id)
             request = validation.validate_feedback_against(request, prompt, self.limits)
             record = records_pb2.FeedbackRecord(
@@ -386,7 +431,8 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         )
 
     async def _judge_canary(self, feedback, prompt: records_pb2.PromptRecord) -> None:
-        """Feed canary-vs-current outcomes of an arena judgement to the canary's win rate."""
+        """Count an arena judgement for the canary's live win rate: one outcome per user
+        and prompt, however many samples it orders (Registry.record_canary_judgement)."""
         if self.follower is None or len({s.version for s in prompt.samples}) < 2:
             return
         registry = self.follower.registry
@@ -394,13 +440,15 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
             canary, _ = await registry.canary()
             if canary is None:
                 return
-            wins, losses, ties = arena.canary_outcomes(feedback, prompt, canary)
-            if wins + losses + ties:
-                decision = await registry.record_canary_outcomes(canary, wins, losses, ties)
+            outcome = arena.canary_outcome(feedback, prompt, canary)
+            if outcome is not None:
+                decision = await registry.record_canary_judgement(
+                    canary, feedback.user_id, prompt.prompt_id, outcome
+                )
                 if decision:
                     log.info("canary decision", extra={"canary": canary, "decision": decision})
         except Exception as e:  # the feedback is stored; the A/B count is best effort
-            log.warning("could not count canary outcomes: %s", e)
+            log.warning("could not count a canary judgement: %s", e)
 
     # ---- model ------------------------------------------------------------------------
 

@@ -117,7 +117,12 @@ def wait_serving(target: str, proc: subprocess.Popen, log_path: Path, timeout: f
 
 
 def launch_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extra: str):
-    """Start a server process; wait for it with wait_serving(server)."""
+    """Start a server process; wait for it with wait_serving(server).
+
+    Servers start in open mode (--open) and without rate limits unless `extra` says
+    otherwise (--no-open; the last option wins): these tests drive serving and feedback
+    with user ids of their choosing, in bursts; tests/test_auth.py runs the default,
+    authenticated and rate-limited server."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, metrics_port = free_port(), free_port()
     log_path = workdir / "server.log"
@@ -131,6 +136,8 @@ def launch_server(model: Path, redis_url: str, workdir: Path, prefix: str, *extr
         "--metrics-port", str(metrics_port),
         "--data-dir", str(workdir),
         "--log-format", "text",
+        *([] if "--no-open" in extra else ["--open"]),
+        "--rate-limit-samples", "", "--rate-limit-feedback", "",
         *extra,
     ]  # fmt: skip
     with open(log_path, "wb") as log:

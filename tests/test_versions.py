@@ -273,7 +273,7 @@ def test_freeze_stops_automatic_promotion_only(fleet):
 def test_admin_calls_need_the_credential(fleet):
     target = fleet.servers[0].target
     for token, code in [("", grpc.StatusCode.UNAUTHENTICATED),
-                        ("wrong", grpc.StatusCode.PERMISSION_DENIED)]:  # fmt: skip
+                        ("wrong", grpc.StatusCode.UNAUTHENTICATED)]:  # fmt: skip
         with AdminClient(target, token=token) as admin:
             for call in (admin.list_versions, lambda a=admin: a.promote("v0"),
                          lambda a=admin: a.rollback()):  # fmt: skip
@@ -334,11 +334,32 @@ def _arena_judgements(fleet: Fleet, canary: str, current: str, prefer_canary: bo
     assert sent == count, "no arena responses: the canary never took traffic"
 
 
+def _one_user_ranks_an_arena(fleet: Fleet, canary: str, user: str) -> None:
+    """One user ranks one n=16 arena response: all 8 canary samples above all 8 current
+    ones (64 canary-vs-current pairs)."""
+    client, deadline = fleet.clients[0], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = client.generate(PROMPT, n=16, max_tokens=4, temperature=1.0)
+        if {s.version for s in r.samples} != {canary} | {r.version}:
+            continue
+        order = sorted(r.samples, key=lambda s: s.version != canary)  # canary first
+        client.rank(r.prompt_id, [s.sample_id for s in order], user_id=user)
+        return
+    raise AssertionError("no arena response: the canary never took traffic")
+
+
 def test_arena_win_rate_promotes_or_ends_the_canary(fleet):
     l1, l2, l3 = fleet.lora
     fleet.promote(l1)
 
-    fleet.admin.set_canary(l2, share=0.5, promote_at=0.7, min_comparisons=4, reason="A/B")
+    fleet.admin.set_canary(l2, share=0.5, promote_at=0.7, min_comparisons=4, min_users=4,
+                           reason="A/B")  # fmt: skip
+    # One user's ranking of an n=16 arena is one judgement, however many pairs it orders.
+    _one_user_ranks_an_arena(fleet, l2, user="one-loud-user")
+    state = fleet.admin.list_versions()
+    assert state.aliases["canary"] == l2 and state.aliases["current"] == l1
+    assert (state.canary.wins, state.canary.users) == (1, 1)
+    # Four independent users preferring the canary promote it.
     _arena_judgements(fleet, canary=l2, current=l1, prefer_canary=True, count=4)
     fleet.wait_all_serving(l2)  # users preferred it: promoted
     state = fleet.admin.list_versions()
@@ -346,7 +367,8 @@ def test_arena_win_rate_promotes_or_ends_the_canary(fleet):
     audit = registry_call(fleet.redis_url, lambda r: r.audit_log(5))
     assert any(a.action == "auto-promote" and a.actor == "canary-judge" for a in audit)
 
-    fleet.admin.set_canary(l3, share=0.5, rollback_at=0.3, min_comparisons=4, reason="A/B")
+    fleet.admin.set_canary(l3, share=0.5, rollback_at=0.3, min_comparisons=4, min_users=4,
+                           reason="A/B")  # fmt: skip
     _arena_judgements(fleet, canary=l3, current=l2, prefer_canary=False, count=4)
     state = fleet.admin.list_versions()
     assert "canary" not in state.aliases, "users preferred current: the canary ends"
