@@ -33,7 +33,9 @@ def _view(sim):
         ("instructloop simulate  ", "bold"),
         f"{sim.elapsed():6.0f}s  serving {sim.current or '?'}  ",
         f"comparisons {s.comparisons}/{sim.cfg.max_comparisons} ",
-        f"({s.heldout_comparisons} held-out)  demonstrations {s.demonstrations}  ",
+        f"({s.overlapping} overlapping"
+        + (f", {s.adversarial} adversarial" if sim.adversaries else "")
+        + f")  demonstrations {s.demonstrations}  ",
         (f"errors {s.errors}" if s.errors else "", "red"),
         (f" ({s.dead_users} users died)" if s.dead_users else "", "red"),
     )
@@ -120,6 +122,19 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             + "[/yellow]"
         )
+    d = report.get("detection") or {}
+    if d:
+        line = (
+            f"inter-labeler agreement {_fmt(d['labeler_agreement'], '.1%')} over "
+            f"{d['labeler_agreement_pairs']} pairs; flagged by the learner: "
+            f"{_fmt(d['honest_flagged'], '.0%')} of {d['honest']} honest users"
+        )
+        if d["adversaries"]:
+            line += (
+                f", {_fmt(d['adversaries_flagged'], '.0%')} of {d['adversaries']} "
+                f"{d['adversary']} adversaries"
+            )
+        console.print(line)
     console.print(f"report: {path}" + (f", plot: {plot}" if plot else " (no matplotlib: no plot)"))
     if report["failed"]:
         return 1
@@ -143,7 +158,9 @@ def register(subparsers) -> None:
         help="simulated users drive a running loop; measures exact match and win rates",
         description="A population of simulated users sends prompts of a task set, ranks the "
         "K samples with a labeler (--labeler module:function, a callable (prompt, samples) "
-        "-> ranking), sometimes writes a demonstration; held-out users only evaluate. Shows "
+        "-> ranking), sometimes writes a demonstration; each user has its own credential, a "
+        "share may be adversaries (--adversaries, --adversary), and the learner's held-out "
+        "users only evaluate. Shows "
         "live progress and writes report.json and report.png to --out. Every version is "
         "measured by greedy and sampled exact-match, labeler win rate vs v0 and vs its "
         "round's SFT-only policy, RM held-out accuracy and KL. Exit code 0 when a promoted "

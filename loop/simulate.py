@@ -6,9 +6,14 @@ Every simulated user does what a real one would, and nothing else:
   2. rank the K samples with the labeler (labelers.py) and SubmitFeedback(ranking);
   3. sometimes write a demonstration (the labeler's `demonstrate(prompt)`).
 
-Users are split into training and held-out users by the learner's own stable hash of the
-user id (same fraction and salt as the learner), so the held-out users' feedback only
-ever evaluates (RM held-out accuracy, the gate), as InstructGPT split by customer.
+Every simulated user is a user of the server, with its own labeler credential (added
+through the Admin API on first use and kept in DATA_DIR/simulate-users.json, mode 0600).
+The learner splits them into training and held-out users by a keyed hash that only the
+deployment knows, as InstructGPT split by customer; the simulation cannot choose.
+A share of users may be adversaries (--adversaries, --adversary: adversaries.py), and a
+share of responses is ranked by a second user too (--overlap), so the learner can measure
+agreement between labelers; at the end the report says how many adversaries and how many
+honest users the learner flagged.
 
 Measuring, for every version the learner publishes (ListVersions, Admin API): its
 checkpoint answers the held-out evaluation prompts (evaluate.py: the files in the model
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -48,9 +54,9 @@ import grpc
 from instructloop.clients import AsyncClient
 from instructloop.clients.admin import AdminClient, default_token
 from instructloop.clients.sdk import default_target
-from instructloop.learner.dataset import user_split  # pure: the split contract, no training
 from instructloop.v1 import admin_pb2
 
+from . import adversaries
 from . import report as report_io
 from .evaluate import Answers, CheckpointDecoder
 from .labelers import check_ranking, compare, load_labeler
@@ -86,11 +92,23 @@ class SimulateConfig:
         metadata={"help": "The users' preference: a callable (prompt, samples) -> ranking."},
     )
     users: int = field(default=50, metadata={"help": "Simulated users."})
-    heldout_fraction: float = field(
-        default=0.2, metadata={"help": "Held-out share of users: the learner's --heldout-fraction."}
+    adversaries: float = field(
+        default=0.0, metadata={"help": "Share of the users who are adversaries (0..1)."}
     )
-    split_salt: str = field(
-        default="instructloop-split-v1", metadata={"help": "The learner's --split-salt."}
+    adversary: str = field(
+        default="inverse",
+        metadata={
+            "help": "What adversaries do: inverse (reverse every ranking, demonstrate the "
+            "worst sample), random (rank at random), promote-canary (rank canary samples "
+            "first)."
+        },
+    )
+    overlap: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of responses a second user ranks too (the learner measures "
+            "inter-labeler agreement on them)."
+        },
     )
     k: int = field(
         default=8,
@@ -140,7 +158,8 @@ class SimulateConfig:
 @dataclass
 class Stats:
     comparisons: int = 0
-    heldout_comparisons: int = 0
+    overlapping: int = 0  # comparisons of a response another user ranked too
+    adversarial: int = 0  # comparisons sent by adversaries
     demonstrations: int = 0
     errors: int = 0
     last_error: str = ""
@@ -153,12 +172,16 @@ class Simulation:
         self.labeler = load_labeler(cfg.labeler)
         self.demonstrate = getattr(self.labeler, "demonstrate", None)
         self.rng = random.Random(cfg.seed)
-        users = [f"sim-{cfg.seed}-{i:03d}" for i in range(cfg.users)]
-        split = {u: user_split(u, cfg.heldout_fraction, cfg.split_salt) for u in users}
-        self.train_users = [u for u in users if split[u] == "train"]
-        self.heldout_users = [u for u in users if split[u] == "heldout"]
-        if not self.heldout_users or not self.train_users:
-            raise ValueError("the population needs training and held-out users: raise --users")
+        if cfg.users < 2:
+            raise ValueError("--users must be at least 2")
+        if not 0 <= cfg.adversaries < 1 or not 0 <= cfg.overlap <= 1:
+            raise ValueError("--adversaries must be in [0, 1) and --overlap in [0, 1]")
+        if cfg.adversary not in adversaries.KINDS:
+            raise ValueError(f"--adversary must be one of {', '.join(adversaries.KINDS)}")
+        self.users = [f"sim-{cfg.seed}-{i:03d}" for i in range(cfg.users)]
+        shuffled = random.Random(cfg.seed + 7).sample(self.users, cfg.users)
+        self.adversaries = set(shuffled[: round(cfg.adversaries * cfg.users)])
+        self.clients: dict[str, AsyncClient] = {}  # user -> a client with its credential
         eval_rng = random.Random(cfg.seed + 1_000_003)
         self.eval_prompts = [make_prompt(eval_rng) for _ in range(cfg.eval_prompts)]
         self.stats = Stats()
@@ -179,6 +202,7 @@ class Simulation:
         self.stop = asyncio.Event()
         self.last_sent_at = 0.0
         self.reached: dict | None = None
+        self.detection: dict = {}  # what the learner flagged (filled at the end of run)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -193,7 +217,37 @@ class Simulation:
         self.next_slot = max(self.next_slot, now) + 1.0 / self.cfg.rate
         await asyncio.sleep(max(0.0, self.next_slot - 1.0 / self.cfg.rate - now))
 
-    async def user_loop(self, client: AsyncClient) -> None:
+    def _ranking(self, user: str, prompt: str, r) -> list[tuple[int, ...]]:
+        texts = [s.text for s in r.samples]
+        if user in self.adversaries:
+            versions = [s.version for s in r.samples]
+            ranking = adversaries.rank(
+                self.cfg.adversary, self.labeler, prompt, texts, versions, r.version, self.rng
+            )
+        else:
+            ranking = self.labeler(prompt, texts)
+        return check_ranking(ranking, len(texts))
+
+    async def _judge(self, user: str, prompt: str, r) -> None:
+        """One user's ranking of a response (and, sometimes, a demonstration)."""
+        client = self.clients[user]
+        tiers = self._ranking(user, prompt, r)
+        ids = [tuple(r.samples[i].sample_id for i in tier) for tier in tiers]
+        await client.rank(r.prompt_id, ids)
+        self.stats.comparisons += 1
+        self.stats.adversarial += user in self.adversaries
+        self.last_sent_at = self.elapsed()
+        if self.rng.random() < self.cfg.demo_prob:
+            if user in self.adversaries:
+                texts = [s.text for s in r.samples]
+                demo = adversaries.demonstration(self.cfg.adversary, self.labeler, prompt, texts)
+            else:
+                demo = self.demonstrate(prompt) if self.demonstrate is not None else None
+            if demo:
+                await client.demonstrate(r.prompt_id, demo)
+                self.stats.demonstrations += 1
+
+    async def user_loop(self) -> None:
         cfg = self.cfg
         while not self.stop.is_set():
             if self.started >= cfg.max_comparisons:
@@ -201,28 +255,20 @@ class Simulation:
                 return
             self.started += 1  # reserved before the await: the cap holds across users
             await self._slot()
-            heldout = self.rng.random() < len(self.heldout_users) / cfg.users
-            user = self.rng.choice(self.heldout_users if heldout else self.train_users)
+            user = self.rng.choice(self.users)
             prompt = make_prompt(self.rng)
             ranked = False
             try:
-                r = await client.generate(
-                    prompt, n=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                    user_id=user,
-                )  # fmt: skip
-                texts = [s.text for s in r.samples]
-                tiers = check_ranking(self.labeler(prompt, texts), len(texts))
-                ids = [tuple(r.samples[i].sample_id for i in tier) for tier in tiers]
-                await client.rank(r.prompt_id, ids, user_id=user)
+                r = await self.clients[user].generate(
+                    prompt, n=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature
+                )
+                await self._judge(user, prompt, r)
                 ranked = True
-                self.stats.comparisons += 1
-                self.stats.heldout_comparisons += heldout
-                self.last_sent_at = self.elapsed()
-                if self.demonstrate is not None and self.rng.random() < cfg.demo_prob:
-                    demo = self.demonstrate(prompt)
-                    if demo:
-                        await client.demonstrate(r.prompt_id, demo, user_id=user)
-                        self.stats.demonstrations += 1
+                if self.rng.random() < cfg.overlap and self.started < cfg.max_comparisons:
+                    self.started += 1
+                    second = self.rng.choice([u for u in self.users if u != user])
+                    await self._judge(second, prompt, r)  # the same samples, another user
+                    self.stats.overlapping += 2
             except grpc.RpcError as e:
                 if not ranked:
                     self.started -= 1  # give the slot back: no comparison was made
@@ -239,6 +285,54 @@ class Simulation:
                     self.failed = f"every simulated user has died; last: {self.stats.last_error}"
                     self.stop.set()
                 return
+
+    # ------------------------------------------------------------------- users' credentials
+
+    def _credentials(self, admin: AdminClient) -> dict[str, str]:
+        """Every simulated user's token: from DATA_DIR/simulate-users.json, adding the
+        users it lacks through the Admin API (labelers) and saving the file (0600)."""
+        path = Path(self.cfg.data_dir) / "simulate-users.json"
+        tokens = json.loads(path.read_text()) if path.exists() else {}
+        missing = [u for u in self.users if u not in tokens]
+        for user in missing:
+            try:
+                tokens[user] = admin.add_user(user, "labeler").token
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise ValueError(
+                        f"user {user} exists on the server but its token is not in {path}: "
+                        "run with another --seed (user ids carry it), or revoke the sim users"
+                    ) from None
+                raise
+        if missing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(tokens, f)
+            os.replace(tmp, path)
+        return tokens
+
+    def _detection(self, admin: AdminClient) -> dict:
+        """What the learner flagged: adversaries and honest users, and their agreement."""
+        listing = admin.list_users()
+        quality = {u.user_id: u.quality for u in listing.users if u.user_id in set(self.users)}
+        honest = [u for u in self.users if u not in self.adversaries]
+        flagged = {u for u, q in quality.items() if q.flagged}
+
+        def share(group: list[str]) -> float | None:
+            return len(flagged & set(group)) / len(group) if group else None
+
+        return {
+            "adversary": self.cfg.adversary if self.adversaries else "",
+            "adversaries": len(self.adversaries),
+            "adversaries_flagged": share(sorted(self.adversaries)),
+            "honest": len(honest),
+            "honest_flagged": share(honest),
+            "measured_users": sum(1 for q in quality.values() if q.round),
+            "labeler_agreement": listing.labeler_agreement,
+            "labeler_agreement_pairs": listing.labeler_agreement_pairs,
+        }
 
     # ------------------------------------------------------------------- measuring
 
@@ -380,32 +474,43 @@ class Simulation:
     async def run(self, show=lambda: None) -> dict:
         cfg = self.cfg
         token = cfg.admin_token or default_token(cfg.data_dir)
-        async with AsyncClient(cfg.target, timeout=120) as client:
-            with AdminClient(cfg.target, token=token, actor="simulate") as admin:
-                model = await client.get_model()
-                self.current = model.version
-                self.served.append({"version": model.version, "t": 0.0, "comparisons": 0})
-                await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
-                await self.measure()  # v0 (and whatever is there already)
-                self.t0 = self.next_slot = time.monotonic()  # the clock starts with traffic
-                for row in self.versions.values():
-                    row["seen_at_s"] = 0.0  # there before the run
-                if threading.current_thread() is threading.main_thread():
-                    loop = asyncio.get_running_loop()
-                    for sig in (signal.SIGINT, signal.SIGTERM):  # stop, then report
-                        loop.add_signal_handler(sig, self.stop.set)
-                users = [
-                    asyncio.create_task(self.user_loop(client)) for _ in range(cfg.concurrency)
-                ]
-                try:
-                    await self.monitor(client, admin, show)
-                finally:
-                    self.stop.set()
-                    await asyncio.gather(*users, return_exceptions=True)
-                await asyncio.to_thread(self._refresh_versions, admin)
-                if not self.failed:
-                    await self.measure()  # what appeared since the last look
+        with AdminClient(cfg.target, token=token, actor="simulate") as admin:
+            tokens = await asyncio.to_thread(self._credentials, admin)
+            self.clients = {u: AsyncClient(cfg.target, timeout=120, token=tokens[u])
+                            for u in self.users}  # fmt: skip
+            client = self.clients[self.users[0]]
+            try:
+                await self._run(client, admin, show)
+            finally:
+                for c in self.clients.values():
+                    await c.close()
+                with contextlib.suppress(grpc.RpcError):
+                    self.detection = await asyncio.to_thread(self._detection, admin)
         return self.report()
+
+    async def _run(self, client: AsyncClient, admin: AdminClient, show) -> None:
+        cfg = self.cfg
+        model = await client.get_model()
+        self.current = model.version
+        self.served.append({"version": model.version, "t": 0.0, "comparisons": 0})
+        await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
+        await self.measure()  # v0 (and whatever is there already)
+        self.t0 = self.next_slot = time.monotonic()  # the clock starts with traffic
+        for row in self.versions.values():
+            row["seen_at_s"] = 0.0  # there before the run
+        if threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):  # stop, then report
+                loop.add_signal_handler(sig, self.stop.set)
+        users = [asyncio.create_task(self.user_loop()) for _ in range(cfg.concurrency)]
+        try:
+            await self.monitor(client, admin, show)
+        finally:
+            self.stop.set()
+            await asyncio.gather(*users, return_exceptions=True)
+        await asyncio.to_thread(self._refresh_versions, admin)
+        if not self.failed:
+            await self.measure()  # what appeared since the last look
 
     def report(self) -> dict:
         promoted = [v for v in self.versions.values() if v["status"] == "promoted"]
@@ -423,14 +528,15 @@ class Simulation:
             "config": asdict(self.cfg),
             "seconds": round(self.elapsed(), 1),
             "comparisons": self.stats.comparisons,
-            "heldout_comparisons": self.stats.heldout_comparisons,
+            "overlapping_comparisons": self.stats.overlapping,
+            "adversarial_comparisons": self.stats.adversarial,
             "demonstrations": self.stats.demonstrations,
             "errors": self.stats.errors,
             "last_error": self.stats.last_error,
             "dead_users": self.stats.dead_users,
             "failed": self.failed,
-            "train_users": len(self.train_users),
-            "heldout_users": len(self.heldout_users),
+            "users": len(self.users),
+            "detection": self.detection,
             "reached_target": self.reached,
             "best": best and {k: best[k] for k in keys},
             "best_win_rate": best_win and {k: best_win[k] for k in keys},

@@ -1,14 +1,15 @@
 """`instructloop up`: the whole loop on one machine, as child processes.
 
     embedded Redis (DATA_DIR/redis, AOF)  <- shared by both
-    instructloop serve  (DATA_DIR: the base model, store, admin token)
+    instructloop serve  (DATA_DIR: the base model, store, admin token, user-token)
     instructloop learn  (DATA_DIR/learner: dataset, round state; DATA_DIR/store)
 
 Start order: the default base model (copied from the package's shipped weights into
 DATA_DIR/models/base on first start, or pretrained there when the package has none;
 `--serve-args "--model DIR"` serves another),
-Redis, the server (until it answers health checks: it registers v0), then the learner (a
-round needs `current`). Stop order on Ctrl-C or SIGTERM: the learner first
+Redis, the server (until it answers health checks: it registers v0), the local labeler
+"local" (its credential in DATA_DIR/user-token, which the client commands read), then the
+learner (a round needs `current`). Stop order on Ctrl-C or SIGTERM: the learner first
 (it finishes or abandons its round consistently), then the server (in-flight calls
 finish), then Redis (it flushes its AOF). The children run in their own sessions, so the
 terminal's Ctrl-C reaches only this process and the order holds; they also get SIGTERM
@@ -121,6 +122,34 @@ def _wait_serving(target: str, proc: subprocess.Popen, timeout: float, stop: thr
         raise TimeoutError(f"the server did not serve within {timeout:.0f}s")
 
 
+def ensure_local_user(target: str, data: Path) -> str:
+    """DATA_DIR/user-token: the credential of the local labeler "local", created through
+    the Admin API on first start, so `instructloop generate` and `feedback` run as it.
+    Returns the file's path."""
+    from instructloop.clients.admin import AdminClient
+
+    path = data / "user-token"
+    if path.exists():
+        return str(path)
+    import grpc
+
+    admin_token = (data / "admin-token").read_text().strip()
+    try:
+        with AdminClient(target, token=admin_token, actor="up") as admin:
+            known = {u.user_id for u in admin.list_users().users}
+            user = next(
+                u for u in ("local", *(f"local-{i}" for i in range(2, 999))) if u not in known
+            )
+            token = admin.add_user(user, "labeler").token
+    except grpc.RpcError as e:
+        raise RuntimeError(f"cannot add the local user: {e.code().name}: {e.details()}") from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"up: added the labeler {user!r}; its credential is {path}", file=sys.stderr)
+    return str(path)
+
+
 def _stop(name: str, proc: subprocess.Popen | None) -> int | None:
     """SIGTERM, wait, then SIGKILL if it will not stop. Returns the exit code."""
     if proc is None:
@@ -176,6 +205,7 @@ def run(cfg: UpConfig) -> int:
         print(f"up: starting the server (log {logs / 'server.log'}) ...", file=sys.stderr)
         _wait_serving(target, server, cfg.start_timeout_s, stop)
         if not stop.is_set():
+            user_token = ensure_local_user(target, data)
             learner = _spawn(
                 [
                     "learn", "--redis-url", redis.url, "--model-store", str(data / "store"),
@@ -191,6 +221,7 @@ def run(cfg: UpConfig) -> int:
                 f"  gRPC target   {target}    (INSTRUCTLOOP_TARGET={target})\n"
                 f"  metrics       {metrics}\n"
                 f"  admin token   {data / 'admin-token'}\n"
+                f"  your token    {user_token}    (user 'local', labeler)\n"
                 f"  data dir      {data}\n"
                 f"  logs          {logs / 'server.log'}, {logs / 'learner.log'}\n"
                 f"  try           instructloop simulate --target {target} --data-dir {data}\n"

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from instructloop.process import die_with_parent
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
 SERVER_START_TIMEOUT_S = 300
+# The clients' default credential is $INSTRUCTLOOP_TOKEN, else DATA_DIR/user-token: a
+# developer's own (from `instructloop up` in ./data) must not reach the test servers.
+os.environ.pop("INSTRUCTLOOP_TOKEN", None)
+os.environ["INSTRUCTLOOP_DATA_DIR"] = tempfile.mkdtemp(prefix="instructloop-tests-")
 # Figures a test measured, printed as tables at the end of the run: {title: rows}.
 REPORT_TABLES: dict[str, list[tuple[str, ...]]] = {}
 

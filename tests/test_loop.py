@@ -119,13 +119,18 @@ def _wait_version(client: Client, version: str, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def _user_token(data: Path) -> str:
+    """The local labeler's credential, which `up` writes on first start."""
+    return (data / "user-token").read_text().strip()
+
+
 def test_up_simulate_aligns_the_base_by_exact_match_rollback_restores_and_up_resumes(tmp_path):
     data = tmp_path / "loop"
     port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     proc, log_path = _start_up(data, port, metrics_port)
     try:
-        with Client(target) as client:
+        with Client(target, token=_user_token(data)) as client:
             assert client.get_model().version == "v0"
             v0_greedy = _greedy(client)
 
@@ -196,7 +201,7 @@ def test_up_simulate_aligns_the_base_by_exact_match_rollback_restores_and_up_res
     proc, _ = _start_up(data, port, metrics_port)
     try:
         with (
-            Client(target) as client,
+            Client(target, token=_user_token(data)) as client,
             AdminClient(target, token=(data / "admin-token").read_text().strip()) as admin,
         ):
             assert client.get_model().version == "v0"  # the rollback survived
