@@ -544,6 +544,8 @@ def version_info(manifest: Manifest, store: ModelStore) -> admin_pb2.VersionInfo
             measures={k: float(v) for k, v in gate.items() if isinstance(v, int | float)
                       and not isinstance(v, bool)},
         ),
+        excluded_users=manifest.excluded_users,
+        excluded_feedback=manifest.excluded_feedback,
     )  # fmt: skip
     info.created.FromNanoseconds(int(manifest.created * 1e9))
     return info

@@ -64,13 +64,19 @@ class Manifest:
     """sha256 over the sorted (relative path, file sha256) pairs; see files_checksum()."""
     files: dict[str, str] = field(default_factory=dict)
     """Relative POSIX path -> sha256 of every file in the version except manifest.json."""
+    excluded_users: list[str] = field(default_factory=list)
+    """Users whose feedback the round that made it left out (suspended or flagged)."""
+    excluded_feedback: int = 0
+    """How many judgements of theirs that was (every kind, training and held-out)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        """Parse a manifest; ValueError if it is not an object with every field.
+        """Parse a manifest; ValueError if it is not an object with every field that
+        existed from the start (the exclusion fields came later: an older manifest lacks
+        them and reads as excluding nobody).
 
         Unknown keys are ignored so that an older reader accepts a newer manifest.
         """
@@ -78,15 +84,20 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError("manifest is not a JSON object")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in _ADDED_LATER]
         if missing:
             raise ValueError(f"manifest lacks field(s) {', '.join(missing)}")
-        m = cls(**{n: data[n] for n in names})
+        m = cls(**{n: data[n] for n in names if n in data})
         m.created = float(m.created)
         m.feedback_ids = [str(x) for x in m.feedback_ids]
+        m.excluded_users = [str(x) for x in m.excluded_users]
+        m.excluded_feedback = int(m.excluded_feedback)
         m.metrics = {str(k): float(v) for k, v in m.metrics.items()}
         m.files = {str(k): str(v) for k, v in m.files.items()}
         return m
+
+
+_ADDED_LATER = ("excluded_users", "excluded_feedback")  # optional when reading a manifest
 
 
 class VersionError(Exception):
@@ -214,6 +225,8 @@ class ModelStore:
         feedback_ids: Iterable[str] = (),
         metrics: dict[str, float] | None = None,
         gate: dict | None = None,
+        excluded_users: Iterable[str] = (),
+        excluded_feedback: int = 0,
     ) -> Manifest:
         """Copy src_dir into the store as version_id and return its manifest.
 
@@ -256,6 +269,8 @@ class ModelStore:
                 gate=dict(gate or {}),
                 checksum=files_checksum(files),
                 files=files,
+                excluded_users=sorted(str(u) for u in excluded_users),
+                excluded_feedback=int(excluded_feedback),
             )
             with open(tmp / MANIFEST, "x", encoding="utf-8") as f:
                 f.write(manifest.to_json())

@@ -51,11 +51,17 @@ class LearnerConfig:
     )
     heldout_fraction: float = field(
         default=0.1,
-        metadata={"help": "Fraction of users (stable hash) held out for the RM and the gate."},
+        metadata={"help": "Fraction of users (keyed hash) held out for the RM and the gate."},
     )
-    split_salt: str = field(
-        default="instructloop-split-v1",
-        metadata={"help": "Salt of the user hash; changing it reshuffles the split."},
+    split_salt_file: str = field(
+        default="",
+        metadata={
+            "help": "The deployment's secret key of the held-out split (HMAC of the user "
+            "id), so that no caller can choose user ids that land in the held-out set the "
+            "gate judges by; it also seeds the gate's sample of held-out prompts. Empty: "
+            "split-salt beside --data-dir (DATA_DIR/split-salt with the defaults), created "
+            "0600 on first use. Never logged; changing it reshuffles the split."
+        },
     )
     lease_ttl_s: float = field(
         default=30.0,
@@ -151,6 +157,21 @@ class RoundConfig:
         default=2, metadata={"help": "Samples per held-out prompt from each policy."}
     )
     gate_seed: int = field(default=1234, metadata={"help": "Sampling seed of the gate."})
+    exclude_flagged: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave out all feedback and prompts of users the labeler-quality rule "
+            "flags (learner/quality.py), as those of suspended users always are; the "
+            "version records who was left out. Off: flags are only reported."
+        },
+    )
+    flag_min_judgements: int = field(
+        default=10,
+        metadata={
+            "help": "Judgements a user's quality measures need before the rule may flag it "
+            "(a new user is not flagged on noise)."
+        },
+    )
 
 
 @dataclass

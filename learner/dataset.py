@@ -16,14 +16,21 @@ Queries return plain dataclasses the trainers take as input:
   - demonstrations(): (prompt, ideal answer) pairs written by users.
   - rl_prompts(): prompt texts for PPO, deduplicated as InstructGPT did.
 Every query takes a split ("train", "heldout" or None for both): users are assigned to a
-split by a stable hash of user_id, as the paper split its data by customer.
+split by a keyed hash of user_id (HMAC-SHA256 under the deployment's secret split salt,
+learner/main.py --split-salt-file), as the paper split its data by customer. The key is
+what makes the held-out set unchoosable: without it nobody can pick user ids that land in
+the users the gate judges by. There is no default key; a dataset without one refuses to
+split. Every query also takes `exclude_users`: the users a round leaves out (suspended or
+flagged, rounds.py), whose judgements and prompts it then never returns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import random
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +90,13 @@ class DatasetConfig:
         default=0.1,
         metadata={"help": "Fraction of users (by stable hash of user_id) held out for evaluation."},
     )
-    split_salt: str = field(
-        default="instructloop-split-v1",
+    split_salt: bytes = field(
+        default=b"",
+        repr=False,  # a secret: never in a repr, a log or an error
         metadata={
-            "help": "Salt of the user hash; changing it reshuffles which users are held out."
+            "help": "The deployment's secret key of the user hash (main.py reads it from "
+            "--split-salt-file); changing it reshuffles which users are held out. Empty: "
+            "the dataset refuses to split (counts and ids still work)."
         },
     )
 
@@ -101,6 +111,8 @@ class Comparison:
     prompt: str
     answers: list[str]
     tiers: list[int]
+    samples: list[int] = field(default_factory=list)  # [K] the prompt's sample index of each
+    # answer: two users' comparisons of one prompt judge the same samples (peer agreement)
 
 
 @dataclass
@@ -114,11 +126,25 @@ class Demonstration:
     text: str
 
 
-def user_split(user_id: str, heldout_fraction: float, salt: str = "") -> Split:
-    """Stable train/held-out assignment of a user: the same on every machine and run."""
-    digest = hashlib.sha256(f"{salt}\0{user_id}".encode()).digest()
+def user_split(user_id: str, heldout_fraction: float, salt: bytes) -> Split:
+    """Train/held-out assignment of a user: HMAC-SHA256(salt, user_id) read as a number in
+    [0, 1). The same on every machine and run that holds the deployment's salt, and not
+    predictable without it. ValueError for an empty salt (there is no public default)."""
+    if not salt:
+        raise ValueError("no split salt: the held-out split needs the deployment's secret")
+    digest = hmac.new(salt, user_id.encode(), hashlib.sha256).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
     return "heldout" if u < heldout_fraction else "train"
+
+
+def sample_gate_prompts(prompts: Sequence[str], k: int, salt: bytes, round_no: int) -> list[str]:
+    """k of the held-out prompts for round `round_no`'s gate, drawn at random with a seed
+    derived from the secret salt and the round: reproducible for the deployment, a fresh
+    sample every round, and not predictable by a caller. All of them if there are <= k."""
+    if len(prompts) <= k:
+        return list(prompts)
+    seed = hmac.new(salt, f"gate-prompts\0{round_no}".encode(), hashlib.sha256).digest()
+    return random.Random(seed).sample(list(prompts), k)
 
 
 def dedup_prompts(prompts: Iterable[str]) -> list[str]:
@@ -291,6 +317,19 @@ class Dataset:
     def split_of(self, user_id: str) -> Split:
         return user_split(user_id, self.cfg.heldout_fraction, self.cfg.split_salt)
 
+    def gate_prompts(self, k: int, round_no: int, exclude_users: Collection[str] = ()) -> list[str]:
+        """The held-out prompts round `round_no`'s gate samples (sample_gate_prompts)."""
+        prompts = self.rl_prompts("heldout", exclude_users)
+        return sample_gate_prompts(prompts, k, self.cfg.split_salt, round_no)
+
+    def feedback_counts(self) -> dict[str, dict[str, int]]:
+        """Judgements per user and kind: {user_id: {"ranking": n, "demonstration": m, ...}}."""
+        out: dict[str, dict[str, int]] = {}
+        rows = self.db.execute("SELECT user_id, kind, COUNT(*) FROM feedback GROUP BY 1, 2")
+        for user, kind, n in rows:
+            out.setdefault(user, {})[kind] = n
+        return out
+
     def counts(self) -> dict[str, int]:
         """Rows per table and feedback per kind (for progress and round triggers)."""
         out = {
@@ -316,8 +355,14 @@ class Dataset:
     def feedback_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT feedback_id FROM feedback ORDER BY seq")]
 
-    def _joined_feedback(self, kinds: tuple[str, ...], since_seq: int, split: Split | None):
-        """Feedback of the given kinds whose prompt has arrived, with the prompt's samples."""
+    def _joined_feedback(
+        self,
+        kinds: tuple[str, ...],
+        since_seq: int,
+        split: Split | None,
+        exclude_users: Collection[str] = (),
+    ):
+        """Feedback of the given kinds whose prompt has arrived, in arrival order."""
         marks = ",".join("?" * len(kinds))
         rows = self.db.execute(
             f"SELECT f.record, p.prompt FROM feedback f JOIN prompts p USING (prompt_id) "
@@ -326,14 +371,19 @@ class Dataset:
         ).fetchall()
         for blob, prompt in rows:
             rec = records_pb2.FeedbackRecord.FromString(blob)
+            if rec.feedback.user_id in exclude_users:
+                continue
             if split is not None and self.split_of(rec.feedback.user_id) != split:
                 continue
             yield rec, prompt
 
-    def comparisons(self, split: Split | None = None, since_seq: int = 0) -> list[Comparison]:
+    def comparisons(
+        self, split: Split | None = None, since_seq: int = 0, exclude_users: Collection[str] = ()
+    ) -> list[Comparison]:
         """Every ranking, choice and rating with >= 2 answers in >= 2 tiers, by prompt."""
         out = []
-        for rec, prompt in self._joined_feedback(("ranking", "choice", "rating"), since_seq, split):
+        kinds = ("ranking", "choice", "rating")
+        for rec, prompt in self._joined_feedback(kinds, since_seq, split, exclude_users):
             samples = self.db.execute(
                 "SELECT sample_id, text FROM samples WHERE prompt_id = ? ORDER BY idx",
                 (rec.feedback.prompt_id,),
@@ -350,11 +400,14 @@ class Dataset:
                     prompt=prompt,
                     answers=[samples[i][1] for i, _ in ranked],
                     tiers=[t for _, t in ranked],
+                    samples=[i for i, _ in ranked],
                 )
             )
         return out
 
-    def demonstrations(self, split: Split | None = None, since_seq: int = 0) -> list[Demonstration]:
+    def demonstrations(
+        self, split: Split | None = None, since_seq: int = 0, exclude_users: Collection[str] = ()
+    ) -> list[Demonstration]:
         return [
             Demonstration(
                 feedback_id=rec.feedback_id,
@@ -363,10 +416,18 @@ class Dataset:
                 prompt=prompt,
                 text=rec.feedback.demonstration.text,
             )
-            for rec, prompt in self._joined_feedback(("demonstration",), since_seq, split)
+            for rec, prompt in self._joined_feedback(
+                ("demonstration",), since_seq, split, exclude_users
+            )
         ]
 
-    def rl_prompts(self, split: Split | None = None) -> list[str]:
+    def rl_prompts(
+        self, split: Split | None = None, exclude_users: Collection[str] = ()
+    ) -> list[str]:
         """Logged prompt texts for PPO, deduplicated (containment), in arrival order."""
         rows = self.db.execute("SELECT prompt, user_id FROM prompts ORDER BY created, prompt_id")
-        return dedup_prompts(p for p, u in rows if split is None or self.split_of(u) == split)
+        return dedup_prompts(
+            p
+            for p, u in rows
+            if u not in exclude_users and (split is None or self.split_of(u) == split)
+        )

@@ -18,7 +18,10 @@ waits for it. While it runs, it re-reads its pending entries and claims stale on
 other consumers every --claim-interval-s, not only at start.
 
 Everything the learner owns lives under --data-dir: the dataset (dataset.sqlite3), the
-round state (state.json) and the reward models and SFT policies of recent rounds.
+round state (state.json) and the reward models and SFT policies of recent rounds. Beside
+it (the parent directory, the deployment's DATA_DIR by default) lie the deployment's
+secrets, created 0600 on first use (instructloop/secretfile.py) and never logged: the
+registry key (registry-key) and the key of the held-out split (split-salt).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from instructloop.learner.lease import LearnerLease
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.redact import redact_url
 from instructloop.registry import Registry, load_registry_key, prune_versions
+from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
+from instructloop.users import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +94,31 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     data_dir = Path(cfg.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = Keys(cfg.redis_prefix)
+    secrets_dir = data_dir.resolve().parent  # the deployment's secrets sit beside data_dir
+    salt_file = cfg.split_salt_file or str(secrets_dir / "split-salt")
     dataset = Dataset(
         DatasetConfig(
             path=str(data_dir / "dataset.sqlite3"),
             heldout_fraction=cfg.heldout_fraction,
-            split_salt=cfg.split_salt,
+            split_salt=load_secret(salt_file, "split salt"),
         )
     )
     client = redis.Redis.from_url(cfg.resolved_redis_url)
     loop = asyncio.new_event_loop()
     aclient = aioredis.Redis.from_url(cfg.resolved_redis_url)
     store = ModelStore(cfg.model_store, max_bytes=int(cfg.store_max_gib * 2**30))
-    key_file = cfg.registry_key_file or str(data_dir.resolve().parent / "registry-key")
+    key_file = cfg.registry_key_file or str(secrets_dir / "registry-key")
     learner = Learner(
-        data_dir, dataset, store, Registry(aclient, keys, load_registry_key(key_file)), loop,
-        cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo, device=cfg.device,
+        data_dir, dataset, store, Registry(aclient, keys, load_registry_key(key_file)),
+        UserStore(aclient, keys), loop, cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo,
+        device=cfg.device,
     )  # fmt: skip
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(
-        "learner %s: redis %s prefix %r, store %s, data %s, device %s; state: round %d",
+        "learner %s: redis %s prefix %r, store %s, data %s, split key %s, device %s; "
+        "state: round %d",
         cfgs.consumer.consumer, redact_url(cfg.resolved_redis_url), cfg.redis_prefix,
-        cfg.model_store, data_dir, cfg.device, learner.state.round,
+        cfg.model_store, data_dir, salt_file, cfg.device, learner.state.round,
     )  # fmt: skip
     lease = LearnerLease(client, keys.learner_lease, cfgs.consumer.consumer, cfg.lease_ttl_s)
     published = 0

@@ -162,21 +162,34 @@ def score_texts(
     return torch.cat(out) if out else torch.zeros(0, device=model.device)
 
 
+@torch.no_grad()
+def judgement_agreement(
+    model, tokenizer, comparisons: Sequence[Comparison], max_length: int = 512, batch_size: int = 64
+) -> list[tuple[float, int]]:
+    """Per comparison: (pairs where the RM prefers what the judgement preferred, pairs).
+
+    A pair the RM scores equal counts half. Every answer of every comparison is forwarded
+    once, in batches of `batch_size` sequences, so scoring a round's comparisons costs one
+    forward pass over their answers (labeler quality, quality.py; held-out accuracy)."""
+    prompts = [c.prompt for c in comparisons for _ in c.answers]
+    answers = [a for c in comparisons for a in c.answers]
+    scores = score_texts(model, tokenizer, prompts, answers, max_length, batch_size).tolist()
+    out, start = [], 0
+    for c in comparisons:
+        s = scores[start : start + len(c.answers)]  # [K]
+        start += len(c.answers)
+        pairs = pairs_from_tiers(c.tiers)
+        agree = sum(1.0 if s[w] > s[lose] else 0.5 if s[w] == s[lose] else 0.0 for w, lose in pairs)
+        out.append((agree, len(pairs)))
+    return out
+
+
 def pairwise_accuracy(
     model, tokenizer, comparisons: Sequence[Comparison], max_length: int = 512, batch_size: int = 64
 ) -> tuple[float, int]:
     """Fraction of (better, worse) pairs the RM orders correctly, and the number of pairs."""
-    prompts = [c.prompt for c in comparisons for _ in c.answers]
-    answers = [a for c in comparisons for a in c.answers]
-    scores = score_texts(model, tokenizer, prompts, answers, max_length, batch_size).tolist()
-    correct = total = 0
-    start = 0
-    for c in comparisons:
-        s = scores[start : start + len(c.answers)]
-        start += len(c.answers)
-        for w, lose in pairs_from_tiers(c.tiers):
-            correct += s[w] > s[lose]
-            total += 1
+    per = judgement_agreement(model, tokenizer, comparisons, max_length, batch_size)
+    correct, total = sum(a for a, _ in per), sum(n for _, n in per)
     return (correct / total if total else float("nan")), total
 
 

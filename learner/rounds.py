@@ -4,6 +4,15 @@ One round, top to bottom (Learner.run_round):
 
   0. resolve   the serving version through the registry (alias `current`): its policy
                weights (base/full: the dir; lora: the base's dir + the adapter);
+     quality   every user's agreement with the previous RM (on comparisons it never
+               trained on) and with other users on shared prompts, and the flag rule
+               (quality.py), written to Redis for operators (UserStore.set_quality). The
+               round leaves out ALL feedback and prompts of suspended users and, with
+               --exclude-flagged (the default), of flagged ones: no SFT, RM, PPO, RM
+               held-out or gate data of theirs; the version records who and how many
+               judgements (manifest and registry entry: excluded_users, excluded_feedback).
+               With --no-rm-retrain the warm-started RM keeps what their feedback taught
+               it before they were left out;
   1. SFT       only if enough new demonstrations arrived: the base model trained on
                every training demonstration so far (or, --no-sft-from-base, the serving
                policy on the new ones); the result becomes the KL reference and the
@@ -16,8 +25,9 @@ One round, top to bottom (Learner.run_round):
   3. PPO       from the serving policy (or the new SFT policy), reference = the latest
                SFT policy, or the base model before any SFT (ppo.py);
   4. gate      RM-estimated win rate of the candidate against the serving version on
-               held-out prompts (users split by hash, as the paper split by customer)
-               above a threshold, and KL to the reference below a bound (gate.py);
+               held-out prompts (users split by a keyed hash, as the paper split by
+               customer; a fresh sample each round, seeded by the split's secret and the
+               round) above a threshold, and KL to the reference below a bound (gate.py);
   5. publish   the new SFT policy as a version of its own (never promoted: the
                SFT-only baseline that evaluations compare PPO against, and in LoRA mode
                the weights under the adapter); then the candidate into the model store
@@ -49,6 +59,7 @@ from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SF
 from instructloop.learner.dataset import Dataset
 from instructloop.learner.gate import evaluate_gate
 from instructloop.learner.ppo import PPOStopped, load_policy, train_ppo
+from instructloop.learner.quality import Evidence, Measured, measure
 from instructloop.learner.reward import train_reward_model
 from instructloop.learner.sft import run_sft
 from instructloop.registry import (
@@ -56,13 +67,15 @@ from instructloop.registry import (
     Frozen,
     Registry,
     ensure_registered,
-    publish_version,
+    version_info,
 )
 from instructloop.store import ModelStore
+from instructloop.users import UserStore
 
 log = logging.getLogger(__name__)
 
 COMPARISON_KINDS = ("ranking", "choice", "rating")
+QUALITY_STATE = "quality.json"  # in a round's dir: the RM evidence it adds to the state
 
 
 @dataclass
@@ -78,6 +91,9 @@ class RoundState:
     sft_version: str = ""  # its published version (the SFT-only policy PPO is judged against)
     last_round_at: float = field(default_factory=time.time)
     last_version: str = ""
+    rm_scored_seq: int = 0  # arrival number up to which held-out comparisons met an RM
+    rm_evidence: dict[str, list[float]] = field(default_factory=dict)  # user -> Evidence
+    # of agreement with RMs that never trained on the comparisons (quality.py), summed
 
     @classmethod
     def load(cls, path: Path) -> RoundState:
@@ -116,6 +132,15 @@ class RoundResult:
     feedback_ids: list[str]
     reference: str
     sft_version: str = ""
+    excluded_users: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LeftOut:
+    """Whose feedback a round leaves out, and how many judgements of theirs that is."""
+
+    users: list[str]  # sorted: suspended, and flagged with --exclude-flagged
+    feedback: int
 
 
 class RoundAbandoned(Exception):
@@ -131,6 +156,7 @@ class Learner:
         dataset: Dataset,
         store: ModelStore,
         registry: Registry,
+        users: UserStore,
         loop: asyncio.AbstractEventLoop,
         cfg: RoundConfig,
         sft_cfg: SFTStepConfig,
@@ -141,6 +167,7 @@ class Learner:
         self.data_dir = Path(data_dir)
         self.device = device  # where SFT, RM, PPO and the gate run (resolved, not 'auto')
         self.dataset, self.store, self.registry, self.loop = dataset, store, registry, loop
+        self.users = users
         self.cfg, self.sft_cfg, self.rm_cfg, self.ppo_cfg = cfg, sft_cfg, rm_cfg, ppo_cfg
         self.state_path = self.data_dir / "state.json"
         self.state = RoundState.load(self.state_path)
@@ -200,7 +227,22 @@ class Learner:
         phase("resolve")
         serving = self._await(self.resolve_serving(work))
         base_dir = self._await(self.base_dir())
-        comparisons = ds.comparisons("train", since_seq=st.comparisons_seq)
+
+        # ---- labeler quality, and whose feedback this round leaves out
+        phase("quality")
+        measured = self.measure_users(n, seq_hi, work)
+        suspended = self._await(self.users.suspended_users())
+        flagged = {u for u, q in measured.users.items() if q.flagged}
+        out_users = sorted(set(suspended) | (flagged if self.cfg.exclude_flagged else set()))
+        counts = ds.feedback_counts()
+        left_out = LeftOut(out_users, sum(sum(counts.get(u, {}).values()) for u in out_users))
+        ex = frozenset(out_users)  # every query below leaves them out
+        if ex:
+            log.info(
+                "round %d: leaving out %d users (%d suspended, %d flagged): %d judgements",
+                n, len(ex), len(suspended), len(flagged & ex), left_out.feedback,
+            )  # fmt: skip
+        comparisons = ds.comparisons("train", since_seq=st.comparisons_seq, exclude_users=ex)
         if not comparisons and not st.rm_dir:
             log.info("round %d: no training comparisons yet and no RM; skipped", n)
             st.last_round_at = time.time()
@@ -216,8 +258,8 @@ class Learner:
         )
 
         # ---- 1. SFT when new demonstrations arrived: the new reference and PPO's start
-        new_demos = ds.demonstrations("train", since_seq=st.demonstrations_seq)
-        all_demos = ds.demonstrations("train")
+        new_demos = ds.demonstrations("train", since_seq=st.demonstrations_seq, exclude_users=ex)
+        all_demos = ds.demonstrations("train", exclude_users=ex)
         ref_dir = Path(st.sft_dir) if st.sft_dir else base_dir
         policy_start = serving.policy_dir
         sft_metrics: dict = {}
@@ -234,11 +276,12 @@ class Learner:
 
         # ---- 2. reward model: from the SFT policy on every comparison, or a warm start
         phase("reward model")
-        heldout = ds.comparisons("heldout")
+        heldout = ds.comparisons("heldout", exclude_users=ex)
         if comparisons:
             rm_dir = work / "rm"
             if self.rm_cfg.retrain:
-                rm_init, rm_data, rm_demos = ref_dir, ds.comparisons("train"), all_demos
+                rm_init, rm_demos = ref_dir, all_demos
+                rm_data = ds.comparisons("train", exclude_users=ex)
             else:
                 rm_init, rm_data, rm_demos = st.rm_dir or ref_dir, comparisons, new_demos
             rm_metrics = train_reward_model(
@@ -257,7 +300,7 @@ class Learner:
 
         # ---- 3. PPO from the serving (or new SFT) policy, KL to the reference
         phase("ppo")
-        prompts = ds.rl_prompts("train")
+        prompts = ds.rl_prompts("train", exclude_users=ex)
         ptx = [d.prompt + d.text for d in all_demos]
         try:
             ppo_metrics = train_ppo(
@@ -277,7 +320,7 @@ class Learner:
 
         # ---- 4. gate: beat the serving version on held-out prompts, stay near the reference
         phase("gate")
-        gate_prompts = ds.rl_prompts("heldout")[: self.cfg.gate_prompts]
+        gate_prompts = ds.gate_prompts(self.cfg.gate_prompts, n, exclude_users=ex)
         gate = evaluate_gate(
             self.cfg, self.ppo_cfg, work / "policy", serving.policy_dir, ref_dir, rm_dir,
             gate_prompts, self.device,
@@ -298,7 +341,7 @@ class Learner:
             "rm_train_loss": rm_metrics.get("train_loss", float("nan")),
             "rm_comparisons": len(comparisons),
             "rm_demo_comparisons": rm_metrics.get("with_demonstration", 0),
-            "comparisons_total": len(ds.comparisons("train")),
+            "comparisons_total": len(ds.comparisons("train", exclude_users=ex)),
             "demonstrations_total": len(all_demos),
             "reference_round": n if sft_ran else st.sft_round,
             "sft_demonstrations": len(demos) if sft_ran else 0,
@@ -314,11 +357,19 @@ class Learner:
             "ppo_rollout_s": ppo_metrics["rollout_s"],
             "ppo_scoring_s": ppo_metrics["scoring_s"],
             "ppo_update_s": ppo_metrics["update_s"],
+            "excluded_users": len(left_out.users),
+            "excluded_feedback": left_out.feedback,
+            "users_suspended": len(suspended),
+            "users_flagged": len(flagged),
+            "labeler_agreement": measured.agreement,
+            "labeler_agreement_pairs": measured.agreement_pairs,
             **timings,
             "round_seconds": time.perf_counter() - t_round,
         }
         result = self._await(
-            self.publish(n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran)
+            self.publish(
+                n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran, left_out
+            )
         )
         result.reference = str(ref_dir)
 
@@ -354,6 +405,9 @@ class Learner:
             st.sft_round, st.sft_version = n, sft_version
         if rm_trained:
             st.rm_dir = str(work / "rm")
+        if (measured := work / QUALITY_STATE).exists():  # the RM evidence this round added
+            q = json.loads(measured.read_text())
+            st.rm_evidence, st.rm_scored_seq = q["rm_evidence"], q["rm_scored_seq"]
         st.last_round_at, st.last_version = time.time(), version
         st.save(self.state_path)
         self._prune()
@@ -403,10 +457,47 @@ class Learner:
         return RoundResult(
             n, "adopted after a crash", m.id, promoted, frozen, m.gate, m.metrics,
             list(m.feedback_ids), m.gate.get("reference", ""),
+            excluded_users=list(m.excluded_users),
         )  # fmt: skip
 
+    def measure_users(self, n: int, seq_hi: int, work: Path) -> Measured:
+        """Every user's quality at the start of round n (quality.measure), written to
+        Redis. The RM evidence it adds waits in work/quality.json until the round is
+        committed, so a redone round counts it once."""
+        st = self.state
+        m = measure(
+            self.dataset, round_no=n, seq_hi=seq_hi, rm_dir=st.rm_dir,
+            trained_seq=st.comparisons_seq, scored_seq=st.rm_scored_seq,
+            evidence={u: Evidence.from_list(v) for u, v in st.rm_evidence.items()},
+            min_judgements=self.cfg.flag_min_judgements, max_length=self.rm_cfg.max_length,
+            batch_size=self.rm_cfg.eval_batch_size, device=self.device,
+        )  # fmt: skip
+        self._await(self.users.set_quality(m.users, m.agreement, m.agreement_pairs))
+        evidence = {u: e.to_list() for u, e in m.rm_evidence.items()}
+        (work / QUALITY_STATE).write_text(
+            json.dumps({"rm_evidence": evidence, "rm_scored_seq": m.rm_scored_seq})
+        )
+        log.info(
+            "round %d: quality of %d users, %d flagged; inter-labeler agreement %.3f on %d "
+            "pairs", n, len(m.users), sum(q.flagged for q in m.users.values()), m.agreement,
+            m.agreement_pairs,
+        )  # fmt: skip
+        return m
+
+    async def _publish_version(self, src_dir: Path, left_out: LeftOut, **manifest):
+        """registry.publish_version, with who the round left out in the manifest (which
+        publish_version does not pass): into the store, then into the registry."""
+        version_id = await self.registry.next_version_id()
+        m = await asyncio.to_thread(
+            self.store.publish, src_dir, version_id, excluded_users=left_out.users,
+            excluded_feedback=left_out.feedback, **manifest,
+        )  # fmt: skip
+        info = version_info(m, self.store)
+        await self.registry.register(info, "learner")
+        return info
+
     async def publish(
-        self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran
+        self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran, left_out
     ) -> RoundResult:
         kind = "lora" if self.ppo_cfg.lora else "full"
         base_id = await self.base_id()
@@ -416,8 +507,8 @@ class Learner:
             # The SFT-only policy: the baseline an evaluation compares PPO with (does the
             # RM + PPO add anything over SFT on the same data?) and, in LoRA mode, the
             # weights the adapter was trained over. Never promoted on its own.
-            sft_info = await publish_version(
-                self.registry, self.store, str(work / "sft"), kind="full", parent=serving.id,
+            sft_info = await self._publish_version(
+                work / "sft", left_out, kind="full", parent=serving.id,
                 base_model=base_id if kind == "full" else serving.weights_version,
                 feedback_ids=[d.feedback_id for d in demos],
                 metrics={
@@ -432,8 +523,8 @@ class Learner:
             sft_version = sft_info.id
             if kind == "lora":
                 base_model = sft_version
-        info = await publish_version(
-            self.registry, self.store, str(work / "policy"), kind=kind, parent=serving.id,
+        info = await self._publish_version(
+            work / "policy", left_out, kind=kind, parent=serving.id,
             base_model=base_model, feedback_ids=trained_on, metrics=metrics, gate=gate,
         )  # fmt: skip
         log.info("round %d: published %s (%s, gate %s)", n, info.id, kind, gate["reason"])
@@ -448,8 +539,9 @@ class Learner:
                 frozen = True
                 log.warning("round %d: %s passed the gate but is not promoted: %s", n, info.id, e)
         return RoundResult(
-            n, reason, info.id, promoted, frozen, gate, metrics, trained_on, "", sft_version
-        )
+            n, reason, info.id, promoted, frozen, gate, metrics, trained_on, "", sft_version,
+            left_out.users,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- versions -> dirs
 

@@ -25,6 +25,8 @@ from instructloop.learner.dataset import (
 )
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 
+SALT = b"a test split salt, not secret"  # the deployment's comes from its salt file
+
 
 @pytest.fixture
 def redis_server(tmp_path):
@@ -84,7 +86,9 @@ def test_dataset_turns_every_judgement_kind_into_tiers(tmp_path):
 
 
 def test_split_is_by_user_stable_and_dedup_drops_containing_prompts(tmp_path):
-    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.3))
+    ds = Dataset(
+        DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.3, split_salt=SALT)
+    )
     data = synthetic.preference_data(60, k=2, n_users=40, seed=1)
     ds.add_batch([p for p, _ in data], [f for _, f in data])
     train, held = ds.comparisons("train"), ds.comparisons("heldout")
@@ -92,7 +96,7 @@ def test_split_is_by_user_stable_and_dedup_drops_containing_prompts(tmp_path):
     assert not {c.user_id for c in train} & {c.user_id for c in held}
     # Stable: a fresh process computes the same assignment from the hash alone.
     assert all(user_split(c.user_id, 0.3, ds.cfg.split_salt) == "heldout" for c in held)
-    assert [user_split(f"u{i}", 0.0) for i in range(50)].count("heldout") == 0
+    assert [user_split(f"u{i}", 0.0, SALT) for i in range(50)].count("heldout") == 0
 
     prompts = ["sort: b a", "please sort: b a now", "count: x y", "count: x y", "hello"]
     assert dedup_prompts(prompts) == ["sort: b a", "count: x y", "hello"]

@@ -37,6 +37,7 @@ from instructloop.learner.device import resolve_device
 from instructloop.learner.main import Configs, run
 from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.registry import Registry
+from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
 from instructloop.v1 import admin_pb2
 
@@ -86,8 +87,14 @@ def xadd(client, keys: Keys, pairs) -> set[str]:
     return {f.feedback_id for _, f in pairs}
 
 
-def train_ids(pairs) -> set[str]:
-    salt = DatasetConfig().split_salt  # the learner's default
+def split_salt(tmp: Path) -> bytes:
+    """The deployment's split key as the learner reads it: tmp/split-salt, beside its data
+    dir (created here if the learner has not run yet; the learner then reads this one)."""
+    return load_secret(tmp / "split-salt", "split salt")
+
+
+def train_ids(pairs, tmp: Path) -> set[str]:
+    salt = split_salt(tmp)
     return {
         f.feedback_id for _, f in pairs if user_split(f.feedback.user_id, HELDOUT, salt) == "train"
     }
@@ -135,7 +142,8 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     [m1] = store.list()
     assert m1.id == "v1" and store.verify("v1").checksum == m1.checksum
     assert m1.kind == "full" and m1.parent == "v0" and m1.base_model == "v0"
-    assert sorted(m1.feedback_ids) == sorted(train_ids(data1))  # held-out users never train
+    # Held-out users never train.
+    assert sorted(m1.feedback_ids) == sorted(train_ids(data1, tmp_path))
     assert m1.gate["passed"] is True and m1.gate["win_rate_threshold"] == -1.0
     for key in ("rm_heldout_accuracy", "win_rate", "kl", "reward", "ppo_score_last"):
         assert key in m1.metrics
@@ -179,7 +187,9 @@ def test_rounds_publish_and_promote_only_through_the_gate_and_never_while_frozen
     assert m2.gate["passed"] is False and "win rate" in m2.gate["reason"]
     assert m2.parent == "v1"  # PPO started from the serving version
     # The round's RM is retrained on every training comparison so far (the default).
-    assert sorted(m2.feedback_ids) == sorted(train_ids(data1) | train_ids(data2))
+    assert sorted(m2.feedback_ids) == sorted(
+        train_ids(data1, tmp_path) | train_ids(data2, tmp_path)
+    )
     info = registry_call(url, prefix, lambda reg: reg.get("v2"))
     assert not info.gate.passed and info.gate.measures["win_rate"] == m2.gate["win_rate"]
     assert current() == "v1"
@@ -268,7 +278,7 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
         for i, (p, _) in enumerate(data[:12])
     ]
     xadd(r, keys, data + demos)
-    train_demos = train_ids(demos)
+    train_demos = train_ids(demos, tmp_path)
     assert len(train_demos) >= 4  # enough for SFT (min_demonstrations=4)
 
     assert run(configs(tmp_path, url, prefix, kind="lora", **PERMISSIVE)) == 0
@@ -278,7 +288,7 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
     assert sft.kind == "full" and sft.gate["passed"] is False
     assert sorted(sft.feedback_ids) == sorted(train_demos)
     assert adapter.kind == "lora" and adapter.base_model == "v1" and adapter.parent == "v0"
-    assert set(adapter.feedback_ids) == train_ids(data) | train_demos
+    assert set(adapter.feedback_ids) == train_ids(data, tmp_path) | train_demos
     assert adapter.gate["reference"] == "sft" and adapter.metrics["sft_demonstrations"] > 0
     assert not (store.path("v2") / "model.safetensors").exists()
     assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v2"
@@ -402,7 +412,7 @@ def test_sigterm_and_sigkill_mid_round_lose_nothing_count_nothing_twice_publish_
     [m] = store.list()
     assert store.verify(m.id).id == "v1"
     assert len(m.feedback_ids) == len(set(m.feedback_ids))
-    assert set(m.feedback_ids) == train_ids(first + second)
+    assert set(m.feedback_ids) == train_ids(first + second, tmp_path)
     assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v1"
 
 

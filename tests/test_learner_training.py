@@ -28,6 +28,8 @@ from instructloop.learner.reward import (
 # 2 shared cores: one torch thread is several times faster than two under load.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+SALT = b"a test split salt, not secret"  # the deployment's comes from its salt file
+
 
 # ---------------------------------------------------------------------------- K-wise loss
 
@@ -88,7 +90,9 @@ def test_kwise_batch_forwards_each_answer_once(tiny_model):
 
 
 def test_reward_model_learns_a_synthetic_preference_held_out_by_user(tiny_model, tmp_path):
-    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.25))
+    ds = Dataset(
+        DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.25, split_salt=SALT)
+    )
     data = synthetic.preference_data(240, k=4, n_users=40, seed=0)
     ds.add_batch([p for p, _ in data], [f for _, f in data])
     demos = [
@@ -239,7 +243,9 @@ def test_the_gpu_precision_path_learns_and_saves_float32_checkpoints(
     monkeypatch.setitem(device.AUTOCAST_DTYPES, "cpu", torch.bfloat16)
     with device.autocast("cpu"):  # the path under test is really bf16
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16
-    ds = Dataset(DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.25))
+    ds = Dataset(
+        DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.25, split_salt=SALT)
+    )
     data = synthetic.preference_data(120, k=4, n_users=40, seed=0)
     ds.add_batch([p for p, _ in data], [f for _, f in data])
     cfg = RewardConfig(learning_rate=1e-3, batch_prompts=8, max_length=64, log_every=5)
