@@ -359,8 +359,8 @@ def test_arena_win_rate_promotes_or_ends_the_canary(fleet):
     state = fleet.admin.list_versions()
     assert state.aliases["canary"] == l2 and state.aliases["current"] == l1
     assert (state.canary.wins, state.canary.users) == (1, 1)
-    # Four independent users preferring the canary promote it.
-    _arena_judgements(fleet, canary=l2, current=l1, prefer_canary=True, count=4)
+    # Three more users preferring the canary make four independent judgements: promoted.
+    _arena_judgements(fleet, canary=l2, current=l1, prefer_canary=True, count=3)
     fleet.wait_all_serving(l2)  # users preferred it: promoted
     state = fleet.admin.list_versions()
     assert state.aliases["current"] == l2 and "canary" not in state.aliases
