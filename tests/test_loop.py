@@ -49,6 +49,24 @@ def test_labelers_rank_by_their_own_preference():
     assert not hasattr(brief, "demonstrate") and not hasattr(vowels, "demonstrate")
 
 
+def test_adversaries_rank_against_the_honest_labeler():
+    import random
+
+    from instructloop.loop import adversaries
+
+    prompt, texts = "reverse: abc\n", ["cba", "xx", "cb", "cab"]
+    honest = [t[0] if isinstance(t, tuple) else t for t in correct_concise(prompt, texts)]
+    rng = random.Random(0)
+    inverse = adversaries.rank("inverse", correct_concise, prompt, texts, ["v1"] * 4, "v1", rng)
+    assert [t[0] for t in inverse] == honest[::-1]
+    assert adversaries.demonstration("inverse", correct_concise, prompt, texts) == "xx"
+    shuffled = adversaries.rank("random", correct_concise, prompt, texts, ["v1"] * 4, "v1", rng)
+    assert sorted(shuffled) == [0, 1, 2, 3]
+    versions = ["v1", "v2", "v1", "v2"]  # v2 is the canary of an arena response
+    pushed = adversaries.rank("promote-canary", correct_concise, prompt, texts, versions, "v1", rng)
+    assert set(pushed[:2]) == {1, 3} and pushed[2] == 0, pushed
+
+
 def broken_labeler(prompt, samples):
     raise ZeroDivisionError("this labeler always fails")
 
