@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from instructloop.learner.dataset import (
     user_split,
 )
 from instructloop.redis_embedded import EmbeddedRedis, free_port
+from instructloop.secretfile import load_secret
 
 SALT = b"a test split salt, not secret"  # the deployment's comes from its salt file
 
@@ -104,6 +106,52 @@ def test_split_is_by_user_stable_and_dedup_drops_containing_prompts(tmp_path):
         ds.add_prompt(synthetic.prompt_record(f"d{i}", text, ["x"], f"user{i}"))
     assert "please sort: b a now" not in ds.rl_prompts()
     assert {"sort: b a", "count: x y", "hello"} <= set(ds.rl_prompts())
+
+
+def old_public_split(user_id: str, heldout_fraction: float) -> str:
+    """The split before the secret: sha256 of a salt anyone could read in --help."""
+    digest = hashlib.sha256(f"instructloop-split-v1\0{user_id}".encode()).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction else "train"
+
+
+def test_the_split_needs_the_secret_and_the_gate_samples_fresh_held_out_prompts(tmp_path):
+    salt = load_secret(tmp_path / "split-salt", "split salt")  # as the learner reads it
+    users = [f"user{i}" for i in range(200)]
+    keyed = [user_split(u, 0.3, salt) for u in users]
+    assert keyed != [old_public_split(u, 0.3) for u in users]
+    assert 30 <= keyed.count("heldout") <= 90
+    with pytest.raises(ValueError, match="split salt"):
+        user_split("user1", 0.3, b"")
+    unkeyed = Dataset(DatasetConfig(path=str(tmp_path / "u.sqlite3"), heldout_fraction=0.3))
+    unkeyed.add_batch(*zip(*synthetic.preference_data(3, seed=0), strict=True))
+    assert len(unkeyed.comparisons()) == 3  # without a split it works
+    with pytest.raises(ValueError, match="split salt"):
+        unkeyed.comparisons("heldout")
+
+    ds = Dataset(
+        DatasetConfig(path=str(tmp_path / "d.sqlite3"), heldout_fraction=0.3, split_salt=SALT)
+    )
+    data = synthetic.preference_data(80, k=2, n_users=40, seed=3)
+    ds.add_batch([p for p, _ in data], [f for _, f in data])
+    heldout = ds.rl_prompts("heldout")
+    assert len(heldout) > 12
+    first, second = ds.gate_prompts(6, round_no=1), ds.gate_prompts(6, round_no=2)
+    assert len(first) == len(second) == 6 and set(first) | set(second) <= set(heldout)
+    assert first != second  # a fresh sample each round, not the oldest six every time
+    assert ds.gate_prompts(6, round_no=1) == first  # reproducible for the deployment
+    other = Dataset(DatasetConfig(path=ds.cfg.path, heldout_fraction=0.3, split_salt=b"x" * 32))
+    assert other.gate_prompts(6, round_no=1) != first  # another deployment, another sample
+    assert ds.gate_prompts(len(heldout) + 5, round_no=1) == heldout  # fewer than asked: all
+
+    # A user left out: none of its judgements or prompts, in either split.
+    user = next(c.user_id for c in ds.comparisons("heldout"))
+    mine = {p.prompt for p, _ in data if p.user_id == user}
+    left = frozenset({user})
+    assert all(c.user_id != user for c in ds.comparisons(exclude_users=left))
+    assert not mine & set(ds.rl_prompts(exclude_users=left))
+    assert not mine & set(ds.gate_prompts(100, round_no=1, exclude_users=left))
+    assert mine & set(heldout)
+    assert ds.feedback_counts()[user] == {"ranking": len(mine)}
 
 
 # ---------------------------------------------------------------------------- consumer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import redis.asyncio as aioredis
 from conftest import saved_dtypes
 
 from instructloop.keys import DATA_FIELD, Keys
-from instructloop.learner import synthetic
+from instructloop.learner import rounds, synthetic
 from instructloop.learner.config import (
     LearnerConfig,
     PPOConfig,
@@ -39,6 +40,7 @@ from instructloop.redis_embedded import EmbeddedRedis, free_port
 from instructloop.registry import Registry
 from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
+from instructloop.users import UserStore
 from instructloop.v1 import admin_pb2
 
 HELDOUT = 0.25
@@ -311,6 +313,118 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
     assert (nxt.kind, nxt.base_model, nxt.parent) == ("lora", "v1", "v2")
     assert nxt.gate["reference"] == "sft" and nxt.metrics["sft_demonstrations"] == 0
     assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v3"
+
+
+def users_call(url: str, prefix: str, fn):
+    """Run `await fn(user_store)` on a fresh redis.asyncio client (as the Admin API would)."""
+
+    async def go():
+        client = aioredis.Redis.from_url(url)
+        try:
+            return await fn(UserStore(client, Keys(prefix)))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def shared_rankings(users: dict[str, bool], n: int, seed: int):
+    """n prompts that every one of `users` ranks (same prompt_id, same samples): the marker
+    word first, or (False) inverted."""
+    out = []
+    for rec, fb in synthetic.preference_data(n, k=4, n_users=1, seed=seed):
+        rec.user_id = next(iter(users))
+        index = {s.sample_id: s.index for s in rec.samples}
+        good, bad = ([index[s] for s in t.sample_ids] for t in fb.feedback.ranking.tiers)
+        for user, honest in users.items():
+            tiers = [good, bad] if honest else [bad, good]
+            fid = f"{user}-{rec.prompt_id}"
+            out.append((rec, synthetic.ranking_record(fid, rec, tiers, user)))
+    return out
+
+
+def test_a_round_leaves_out_suspended_and_flagged_users_and_writes_every_users_quality(
+    tiny_model, redis_server, tmp_path, caplog, monkeypatch
+):
+    caplog.set_level(logging.DEBUG)
+    url, prefix = redis_server.url, "quality"
+    r, keys = redis_server.client(), Keys(prefix)
+    register_base(url, prefix, tiny_model)
+    (tmp_path / "split-salt").write_text("5eed" * 16 + "\n")  # the deployment's secret
+    salt = split_salt(tmp_path)
+    # 20 users rank one prompt each; four more rank 12 prompts all four of them: three
+    # put the marker word first like everyone, dave inverts every ranking.
+    data = synthetic.preference_data(40, k=4, n_users=20, seed=60)
+    shared = shared_rankings({"alice": True, "bob": True, "carol": True, "dave": False}, 12, 61)
+    users = sorted({f.feedback.user_id for _, f in data + shared})
+    for user in users:
+        users_call(url, prefix, lambda us, u=user: us.add(u, "labeler", "test"))
+    split = {u: user_split(u, HELDOUT, salt) for u in users}
+    assert split["dave"] == "train"  # under this salt: leaving him out shows in what trains
+    judged = {f.feedback.user_id for _, f in data}
+    suspended = [min(u for u in judged if split[u] == s) for s in ("train", "heldout")]
+    for user in suspended:
+        users_call(url, prefix, lambda us, u=user: us.suspend(u, True, "test"))
+    left_out = sorted([*suspended, "dave"])
+    xadd(r, keys, data + shared)
+    gate_prompts = []
+
+    def spy_gate(*args):
+        gate_prompts.append(list(args[6]))
+        return real_gate(*args)
+
+    real_gate = rounds.evaluate_gate
+    monkeypatch.setattr(rounds, "evaluate_gate", spy_gate)
+
+    # ---- round 1: no RM yet, so the flag comes from peer agreement on the shared prompts
+    assert run(configs(tmp_path, url, prefix, **PERMISSIVE)) == 0
+    store = ModelStore(tmp_path / "store")
+    [m1] = store.list()
+    everyone = data + shared
+    kept = [(p, f) for p, f in everyone if f.feedback.user_id not in left_out]
+    assert set(m1.feedback_ids) == train_ids(kept, tmp_path)  # nothing of theirs trained
+    theirs = [f for _, f in everyone if f.feedback.user_id in left_out]
+    assert not {f.feedback_id for f in theirs} & set(m1.feedback_ids)
+    assert (m1.excluded_users, m1.excluded_feedback) == (left_out, len(theirs))
+    info = registry_call(url, prefix, lambda reg: reg.get("v1"))  # what GetVersion shows
+    assert list(info.excluded_users) == left_out and info.excluded_feedback == len(theirs)
+    assert info.metrics["excluded_users"] == 3 and info.metrics["users_flagged"] == 1
+    assert info.metrics["excluded_feedback"] == len(theirs)
+    their_prompts = {p.prompt for p, f in everyone if f.feedback.user_id in suspended}
+    assert gate_prompts[0] and not set(gate_prompts[0]) & their_prompts
+
+    listed = {u.user_id: u for u in users_call(url, prefix, lambda us: us.list())}
+    alice, dave = listed["alice"].quality, listed["dave"].quality
+    # alice's pairs: ordered the same way by bob and carol, the other way by dave.
+    assert (alice.comparisons, alice.peer_pairs) == (12, 12 * 4 * 3)
+    assert alice.peer_agreement == pytest.approx(2 / 3) and not alice.flagged
+    assert dave.flagged and "inverted" in dave.flag_reason and dave.peer_agreement == 0
+    assert listed[suspended[0]].suspended and listed[suspended[0]].quality.comparisons >= 1
+    assert all(u.quality.round == 1 and u.quality.rm_pairs == 0 for u in listed.values())
+    agreement, pairs = users_call(url, prefix, lambda us: us.labeler_agreement())
+    assert pairs == 12 * 4 * 6 and agreement == pytest.approx(0.5)  # 6 user pairs, 3 agree
+
+    # ---- round 2, flags only reported: dave trains; the round-1 RM, before it is
+    # replaced, scores what it never trained on (the new comparisons, held-out users')
+    more = synthetic.preference_data(40, k=4, n_users=20, seed=62)
+    xadd(r, keys, more)
+    cfgs = configs(tmp_path, url, prefix, **PERMISSIVE)
+    cfgs.round.exclude_flagged = False
+    assert run(cfgs) == 0
+    m2 = store.verify("v2")
+    assert (m2.excluded_users, m2.metrics["users_flagged"]) == (sorted(suspended), 1)
+    kept = [(p, f) for p, f in everyone + more if f.feedback.user_id not in suspended]
+    assert set(m2.feedback_ids) == train_ids(kept, tmp_path)
+    listed = {u.user_id: u for u in users_call(url, prefix, lambda us: us.list())}
+    heldout_judges = [u for u in judged if split[u] == "heldout"]
+    assert all(listed[u].quality.rm_pairs > 0 for u in heldout_judges)
+    assert listed["dave"].quality.flagged and listed["alice"].quality.round == 2
+    state = json.loads((tmp_path / "learner" / "state.json").read_text())
+    assert state["rm_scored_seq"] == m2.metrics["feedback_seq"] and state["rm_evidence"]
+    assert len(gate_prompts) == 2
+
+    # The split's secret never reached a log line.
+    assert caplog.text and "5eed5eed" not in caplog.text and salt.decode() not in caplog.text
 
 
 # ---------------------------------------------------------------------------- SIGKILL

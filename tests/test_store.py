@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from instructloop import store as store_mod
+from instructloop.registry import version_info
 from instructloop.store import (
     Manifest,
     ModelStore,
@@ -258,6 +259,23 @@ def test_manifest_json_round_trip(v1):
     del data["checksum"]
     with pytest.raises(ValueError, match="checksum"):
         Manifest.from_json(json.dumps(data))
+
+
+def test_a_manifest_names_who_its_round_left_out_and_old_manifests_still_load(store, tmp_path, v1):
+    m = store.publish(
+        make_full(tmp_path / "src-2"), "v2", parent="v1", kind="full", base_model="tiny-llama",
+        feedback_ids=["f1"], excluded_users=["mallory", "eve"], excluded_feedback=7,
+    )  # fmt: skip
+    assert (m.excluded_users, m.excluded_feedback) == (["eve", "mallory"], 7)
+    assert store.verify("v2") == m
+    info = version_info(m, store)  # the registry entry, as the learner registers it
+    assert list(info.excluded_users) == ["eve", "mallory"] and info.excluded_feedback == 7
+    # A manifest written before the fields existed reads as excluding nobody.
+    data = json.loads(v1.to_json())
+    del data["excluded_users"], data["excluded_feedback"]
+    old = Manifest.from_json(json.dumps(data))
+    assert (old.excluded_users, old.excluded_feedback) == ([], 0) and old == v1
+    assert not version_info(old, store).excluded_users
 
 
 def test_a_publish_over_the_bound_fails_clearly_and_leaves_nothing(tmp_path, v1, store):
