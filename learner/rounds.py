@@ -461,9 +461,11 @@ class Learner:
         )  # fmt: skip
 
     def measure_users(self, n: int, seq_hi: int, work: Path) -> Measured:
-        """Every user's quality at the start of round n (quality.measure), written to
-        Redis. The RM evidence it adds waits in work/quality.json until the round is
-        committed, so a redone round counts it once."""
+        """Every user's quality at the start of round n (quality.measure); that of the
+        users an admin added is written to Redis (one entry per user, as users.py bounds
+        it; an id only ever seen in feedback is measured and may be flagged, not stored).
+        The RM evidence it adds waits in work/quality.json until the round is committed,
+        so a redone round counts it once."""
         st = self.state
         m = measure(
             self.dataset, round_no=n, seq_hi=seq_hi, rm_dir=st.rm_dir,
@@ -472,7 +474,9 @@ class Learner:
             min_judgements=self.cfg.flag_min_judgements, max_length=self.rm_cfg.max_length,
             batch_size=self.rm_cfg.eval_batch_size, device=self.device,
         )  # fmt: skip
-        self._await(self.users.set_quality(m.users, m.agreement, m.agreement_pairs))
+        known = {u.user_id for u in self._await(self.users.list())}
+        shown = {u: q for u, q in m.users.items() if u in known}
+        self._await(self.users.set_quality(shown, m.agreement, m.agreement_pairs))
         evidence = {u: e.to_list() for u, e in m.rm_evidence.items()}
         (work / QUALITY_STATE).write_text(
             json.dumps({"rm_evidence": evidence, "rm_scored_seq": m.rm_scored_seq})

@@ -357,12 +357,13 @@ def test_a_round_leaves_out_suspended_and_flagged_users_and_writes_every_users_q
     data = synthetic.preference_data(40, k=4, n_users=20, seed=60)
     shared = shared_rankings({"alice": True, "bob": True, "carol": True, "dave": False}, 12, 61)
     users = sorted({f.feedback.user_id for _, f in data + shared})
-    for user in users:
-        users_call(url, prefix, lambda us, u=user: us.add(u, "labeler", "test"))
     split = {u: user_split(u, HELDOUT, salt) for u in users}
     assert split["dave"] == "train"  # under this salt: leaving him out shows in what trains
     judged = {f.feedback.user_id for _, f in data}
     suspended = [min(u for u in judged if split[u] == s) for s in ("train", "heldout")]
+    unknown = max(judged - set(suspended))  # judged under an id no admin added
+    for user in set(users) - {unknown}:
+        users_call(url, prefix, lambda us, u=user: us.add(u, "labeler", "test"))
     for user in suspended:
         users_call(url, prefix, lambda us, u=user: us.suspend(u, True, "test"))
     left_out = sorted([*suspended, "dave"])
@@ -400,6 +401,7 @@ def test_a_round_leaves_out_suspended_and_flagged_users_and_writes_every_users_q
     assert alice.peer_agreement == pytest.approx(2 / 3) and not alice.flagged
     assert dave.flagged and "inverted" in dave.flag_reason and dave.peer_agreement == 0
     assert listed[suspended[0]].suspended and listed[suspended[0]].quality.comparisons >= 1
+    assert unknown not in listed and not r.hexists(keys.user_quality, unknown)  # bounded
     assert all(u.quality.round == 1 and u.quality.rm_pairs == 0 for u in listed.values())
     agreement, pairs = users_call(url, prefix, lambda us: us.labeler_agreement())
     assert pairs == 12 * 4 * 6 and agreement == pytest.approx(0.5)  # 6 user pairs, 3 agree
