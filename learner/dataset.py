@@ -88,7 +88,7 @@ class DatasetConfig:
     )
     heldout_fraction: float = field(
         default=0.1,
-        metadata={"help": "Fraction of users (by stable hash of user_id) held out for evaluation."},
+        metadata={"help": "Fraction of users (by keyed hash of user_id) held out for evaluation."},
     )
     split_salt: bytes = field(
         default=b"",
