@@ -37,6 +37,7 @@ from instructloop.learner.reward import (
     train_reward_model,
 )
 from instructloop.loop.tasks import answer
+from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
 
 
@@ -74,6 +75,7 @@ def main() -> None:
         DatasetConfig(
             path=str(data / "learner" / "dataset.sqlite3"),
             heldout_fraction=args.heldout_fraction,
+            split_salt=load_secret(data / "split-salt", "split salt"),  # the run's own split
         )
     )
     store = ModelStore(data / "store")

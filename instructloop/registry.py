@@ -607,16 +607,20 @@ async def publish_version(
     feedback_ids: tuple[str, ...] | list[str] = (),
     metrics: dict[str, float] | None = None,
     gate: dict | None = None,
+    excluded_users: tuple[str, ...] | list[str] = (),
+    excluded_feedback: int = 0,
     actor: str = "learner",
 ) -> admin_pb2.VersionInfo:
     """Publish a checkpoint as the next version: atomically into the store first, then
-    into the registry. It is not promoted; call Registry.promote for that."""
+    into the registry. It is not promoted; call Registry.promote for that.
+    excluded_users/excluded_feedback: whose feedback the round left out, and how much."""
     import asyncio
 
     version_id = await registry.next_version_id()
     manifest = await asyncio.to_thread(
         store.publish, src_dir, version_id, parent=parent, kind=kind, base_model=base_model,
         feedback_ids=list(feedback_ids), metrics=metrics or {}, gate=gate or {},
+        excluded_users=list(excluded_users), excluded_feedback=excluded_feedback,
     )  # fmt: skip
     info = version_info(manifest, store)
     await registry.register(info, actor)

@@ -67,7 +67,7 @@ from instructloop.registry import (
     Frozen,
     Registry,
     ensure_registered,
-    version_info,
+    publish_version,
 )
 from instructloop.store import ModelStore
 from instructloop.users import UserStore
@@ -489,16 +489,11 @@ class Learner:
         return m
 
     async def _publish_version(self, src_dir: Path, left_out: LeftOut, **manifest):
-        """registry.publish_version, with who the round left out in the manifest (which
-        publish_version does not pass): into the store, then into the registry."""
-        version_id = await self.registry.next_version_id()
-        m = await asyncio.to_thread(
-            self.store.publish, src_dir, version_id, excluded_users=left_out.users,
+        """Into the store, then the registry, with who the round left out."""
+        return await publish_version(
+            self.registry, self.store, str(src_dir), excluded_users=left_out.users,
             excluded_feedback=left_out.feedback, **manifest,
         )  # fmt: skip
-        info = version_info(m, self.store)
-        await self.registry.register(info, "learner")
-        return info
 
     async def publish(
         self, n, reason, serving, work, gate, metrics, trained_on, demos, sft_ran, left_out
