@@ -43,6 +43,10 @@ from instructloop.v1 import admin_pb2
 
 CHANCE = 0.5
 MIN_USERS = 3  # users with enough evidence before the median of a measure means anything
+# Judgements a user needs to count toward a measure's honest level (a median over users:
+# robust to each user's own noise, so a few judgements each will do). Peer evidence is
+# thin (only overlapping prompts), and a higher bar left it unused in simulation.
+MIN_REF_JUDGEMENTS = 3
 MIN_SEPARATION = 0.05  # a measure whose honest level is this close to chance is not used
 MIN_SD = 0.05  # floor of the per-judgement sd (a measure where everyone agrees always)
 Z = 1.645  # one-sided 5%: at most ~5% of honest users with enough evidence fall below
@@ -133,7 +137,7 @@ def flag_user(
         se = sd / sqrt(judgements) / (level - 0.5)
 
     and the two combine by precision (weights 1/se^2, as independent). The user is flagged
-    when the measures hold at least `min_judgements` judgements (a new user is never
+    when its measures hold at least `min_judgements` judgements together (a new user is never
     flagged on noise) and the combined p is both
 
         below 0.5                 closer to chance than to the median user, and
@@ -164,7 +168,7 @@ def flag_user(
         se = ref.sd / math.sqrt(e.judgements) / scale
         positions.append((e.mean - CHANCE) / scale)
         weights.append(1.0 / se**2)
-        evidence = max(evidence, e.judgements)
+        evidence += e.judgements
         parts.append(f"{name} {e.mean:.2f} vs {ref.level:.2f} on {e.judgements}")
     if evidence < min_judgements:
         return False, ""
@@ -303,8 +307,8 @@ def user_quality(
 ) -> dict[str, admin_pb2.UserQuality]:
     """Every user's UserQuality: counts (user -> {kind: judgements}), both measures and the
     flag (flag_user against the references of all users)."""
-    rm_ref = reference(rm.values(), min_judgements)
-    peer_ref = reference(peer.values(), min_judgements)
+    rm_ref = reference(rm.values(), MIN_REF_JUDGEMENTS)
+    peer_ref = reference(peer.values(), MIN_REF_JUDGEMENTS)
     out = {}
     for user in sorted(set(counts) | set(rm) | set(peer)):
         kinds = counts.get(user, {})
