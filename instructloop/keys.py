@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DATA_FIELD = b"data"
+QUEUE_SKIPS_MAXLEN = 10_000  # entries kept in the queue_skips stream (approximately)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,57 @@ class Keys:
     def learner_lease(self) -> str:
         """The single learner's lease: '<holder> <suffix>', with a TTL it keeps renewing."""
         return f"{self.prefix}:learner:lease"
+
+    # ---- labeling queue (serve/queue.py) ----------------------------------------------
+    # A share of logged prompts with n >= 2 (--queue-share) becomes a queue item, in the
+    # same MULTI as its log entry; NextTask leases items to labelers, SkipTask gives them
+    # back, a comparison closes the judge's lease. Bounds: the waiting set holds at most
+    # --queue-max items (enqueueing beyond it drops the oldest, with their hashes); an
+    # item's hash expires with its prompt (the prompt's TTL) and is deleted when
+    # --queue-overlap labelers judged it, when it is dropped as unrankable, or when it is
+    # dropped as the oldest; the scripts remove an expired item's ids when they meet
+    # them. Each labeler holds at most one lease, so the lease set is at most one entry per
+    # labeler. The scripts derive an item's key from its prompt id (the prefixes below),
+    # which a single Redis (not a Redis Cluster) allows, as the rest of this layout.
+
+    @property
+    def queue_waiting(self) -> str:
+        """Sorted set: prompt id -> enqueue time (ms), the items with a free place (handed
+        to fewer than their overlap labelers whose leases are live or who judged them)."""
+        return f"{self.prefix}:queue:waiting"
+
+    @property
+    def queue_leases(self) -> str:
+        """Sorted set: '<prompt id> <user>' -> lease expiry (ms), every live lease (and
+        expired ones until NextTask reclaims them)."""
+        return f"{self.prefix}:queue:leases"
+
+    @property
+    def queue_item_prefix(self) -> str:
+        return f"{self.prefix}:queue:item:"
+
+    def queue_item(self, prompt_id: str) -> str:
+        """Hash of one item: owner (the prompt's user), at (enqueue ms), need (overlap),
+        taken (live leases + judgements), done (judgements), cannot (cannot-rank count),
+        leases (lease counter), and per labeler who touched it `u:USER` -> 'L <n> <expiry
+        ms>' (leased), 'X <n>' (lease expired), 'S <n>' (skipped), 'C <n>' (cannot rank)
+        or 'J' (judged). TTL: its prompt's."""
+        return f"{self.queue_item_prefix}{prompt_id}"
+
+    @property
+    def queue_lease_of_prefix(self) -> str:
+        return f"{self.prefix}:queue:lease:"
+
+    def queue_lease_of(self, user_id: str) -> str:
+        """'<prompt id> <lease number> <expiry ms>': the one live lease a labeler holds,
+        expiring with it (NextTask returns it again while it is live)."""
+        return f"{self.queue_lease_of_prefix}{user_id}"
+
+    @property
+    def queue_skips(self) -> str:
+        """Stream of SkipTaskRequest (user_id filled in): every skip and cannot-rank, with
+        its reason, for operators; capped at about QUEUE_SKIPS_MAXLEN entries."""
+        return f"{self.prefix}:stream:queue_skips"
 
     # ---- users (instructloop/users.py) -------------------------------------------------
 

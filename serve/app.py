@@ -35,6 +35,7 @@ from .engine import EngineError, VllmEngine
 from .errors import Unavailable
 from .logstore import LogStore, RedisSettingsError
 from .metrics import Metrics
+from .queue import LabelingQueue
 from .ratelimit import RateLimiter, parse_limits
 from .servicer import InstructLoopServicer
 from .versions import VersionFollower
@@ -163,7 +164,9 @@ async def serve(cfg: ServerConfig) -> None:
         rate_limits = {
             "samples": parse_limits(cfg.limits.rate_limit_samples, "--rate-limit-samples"),
             "feedback": parse_limits(cfg.limits.rate_limit_feedback, "--rate-limit-feedback"),
+            "tasks": parse_limits(cfg.limits.rate_limit_tasks, "--rate-limit-tasks"),
         }
+        store.queue = LabelingQueue(store, cfg.queue, cfg.limits)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     too_low = [i for i in rate_limits["samples"] if i.amount < cfg.limits.max_n]
@@ -219,7 +222,7 @@ async def serve(cfg: ServerConfig) -> None:
         on_unchecked=metrics.rate_unchecked.inc,
     )  # fmt: skip
     servicer = InstructLoopServicer(
-        engine, store, cfg.limits, metrics, follower, auth=auth, rate=rate
+        engine, store, cfg.limits, metrics, follower, auth=auth, rate=rate, queue=store.queue
     )
     api_pb2_grpc.add_InstructLoopServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServicer_to_server(

@@ -59,6 +59,73 @@ class Limits:
         default="120/minute;10000/day",
         metadata={"help": "SubmitFeedback calls each user may make (same notation)."},
     )
+    rate_limit_tasks: str = field(
+        default="120/minute",
+        metadata={
+            "help": "NextTask calls each user may make (same notation): the feedback pace, so "
+            "a labeler may also poll an empty queue about once a second."
+        },
+    )
+    max_skip_reason_chars: int = field(default=1024, metadata={"help": "Longest SkipTask reason."})
+
+
+@dataclass
+class QueueConfig:
+    """The labeling queue (serve/queue.py): which logged prompts labelers are handed, to
+    how many labelers each, and for how long."""
+
+    queue_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share (0..1) of the logged prompts with n >= 2 that this replica puts in "
+            "the labeling queue. 0 (the default) enqueues nothing: a deployment opts in "
+            "once it has labelers, and one without them writes no queue keys. "
+            "`instructloop up` sets 1."
+        },
+    )
+    queue_overlap: int = field(
+        default=1,
+        metadata={
+            "help": "Distinct labelers each item is handed to (InstructGPT measured "
+            "agreement on overlapping items); kept per item from when it was enqueued."
+        },
+    )
+    queue_lease_s: float = field(
+        default=600.0,
+        metadata={"help": "How long a NextTask lease lasts; then the item returns to the queue."},
+    )
+    queue_max: int = field(
+        default=10_000,
+        metadata={
+            "help": "Most items waiting for a labeler; enqueueing one more drops the oldest "
+            "(samples of older policies are worth less to the next reward model)."
+        },
+    )
+    queue_scan: int = field(
+        default=64,
+        metadata={
+            "help": "Candidates NextTask looks at: the oldest this many, then as many from a "
+            "random place in the queue."
+        },
+    )
+    queue_drop_cannot_rank: int = field(
+        default=2,
+        metadata={
+            "help": "An item that this many distinct labelers cannot rank (SkipTask "
+            "cannot_rank) leaves the queue: one may lack the knowledge, two say the item "
+            "is broken."
+        },
+    )
+
+    def check(self) -> None:
+        """ValueError naming the option that is out of range."""
+        if not 0.0 <= self.queue_share <= 1.0:
+            raise ValueError(f"--queue-share must be in [0, 1], got {self.queue_share}")
+        for name in ("queue_overlap", "queue_max", "queue_scan", "queue_drop_cannot_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.queue_lease_s <= 0:
+            raise ValueError(f"--queue-lease-s must be positive, got {self.queue_lease_s}")
 
 
 @dataclass
@@ -210,6 +277,7 @@ class ServerConfig:
     log_format: str = field(default="json", metadata={"help": "'json' or 'text' logs."})
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
     limits: Limits = field(default_factory=Limits)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
     @property
     def store_dir(self) -> Path:

@@ -2,7 +2,8 @@
 
 A logged prompt is written twice in one MULTI: appended to the prompts stream (for the
 learner) and stored under its id with a TTL (the feedback window), so feedback can be
-validated against the samples that were actually served.
+validated against the samples that were actually served. When the labeling queue wants
+it (serve/queue.py: n >= 2, drawn by --queue-share), the same MULTI enqueues it.
 
 Feedback is accepted by one Lua script, atomically: it replays an idempotent retry,
 refuses a second judgement of the same kind (comparison or demonstration) by
@@ -28,6 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool
@@ -41,6 +43,9 @@ from instructloop.keys import DATA_FIELD, Keys
 from instructloop.v1 import api_pb2, records_pb2
 
 from .errors import AlreadyExists, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from .queue import LabelingQueue
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +160,12 @@ class LogStore:
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
+        # The labeling queue, when the server runs one (app.py sets it): log_prompt
+        # enqueues the prompts it wants in the log's own MULTI.
+        self.queue: LabelingQueue | None = None
 
     @contextlib.asynccontextmanager
-    async def _call(self, what: str) -> AsyncIterator[None]:
+    async def call(self, what: str) -> AsyncIterator[None]:
         """One Redis call under the deadline and the circuit breaker; any failure becomes
         Unavailable(what ...)."""
         self.breaker.check(what)
@@ -176,7 +184,7 @@ class LogStore:
         breaks a guarantee (an eviction policy could evict idempotency and one-judgement
         keys, and a retried feedback would be stored twice)."""
         try:
-            async with self._call("could not read the Redis settings"):
+            async with self.call("could not read the Redis settings"):
                 got = await self.redis.config_get("maxmemory*")  # one pattern: Redis 6
                 got.update(await self.redis.config_get("append*"))
         except Unavailable as e:
@@ -207,21 +215,23 @@ class LogStore:
         return warnings
 
     async def ping(self) -> None:
-        async with self._call("Redis is unreachable"):
+        async with self.call("Redis is unreachable"):
             await self.redis.ping()
 
     async def log_prompt(self, record: records_pb2.PromptRecord) -> None:
         data = record.SerializeToString()
         async with (
-            self._call("could not log the prompt to Redis"),
+            self.call("could not log the prompt to Redis"),
             self.redis.pipeline(transaction=True) as pipe,
         ):
             pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
             pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
+            if self.queue is not None and self.queue.wants(record):
+                await self.queue.enqueue(pipe, record)
             await pipe.execute()
 
     async def get_prompt(self, prompt_id: str) -> records_pb2.PromptRecord:
-        async with self._call("Redis is unreachable"):
+        async with self.call("Redis is unreachable"):
             data = await self.redis.get(self.keys.prompt(prompt_id))
         if data is None:
             raise NotFound(
@@ -244,7 +254,7 @@ class LogStore:
             self.keys.feedback_stream,
         ]
         args = [record.feedback_id, record.SerializeToString(), content_hash(req)]
-        async with self._call("could not store feedback in Redis"):
+        async with self.call("could not store feedback in Redis"):
             status, fid = await self._submit(keys=keys, args=args)
         status, fid = status.decode(), fid.decode()
         if status == "ok":

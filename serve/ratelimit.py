@@ -4,7 +4,8 @@ Each kind of call has its own limits, written in `limits`' notation ("120/minute
 "5000/day", several joined with ";"), and every user has its own window per limit:
 
   samples   Generate and GenerateStream, each call costing its n (samples asked for);
-  feedback  SubmitFeedback, each call costing 1.
+  feedback  SubmitFeedback, each call costing 1;
+  tasks     NextTask (the labeling queue), each call costing 1.
 
 The windows are moving windows (`limits`' MovingWindowRateLimiter: a Lua script per hit,
 atomic in Redis, so every replica shares one count). A refused call gets
@@ -32,7 +33,7 @@ from .errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
-KINDS = ("samples", "feedback")
+KINDS = ("samples", "feedback", "tasks")
 
 
 def parse_limits(text: str, option: str) -> list[RateLimitItem]:

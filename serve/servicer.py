@@ -1,7 +1,8 @@
 """The public gRPC service: proto <-> domain conversion and error mapping, nothing else.
 
-Validation lives in validation.py, Redis in logstore.py, the model behind engine.py.
-Every exception maps to a status code in one place, `_STATUS`.
+Validation lives in validation.py, Redis in logstore.py and queue.py (the labeling
+queue), the model behind engine.py. Every exception maps to a status code in one place,
+`_STATUS`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .logstore import LogStore
+from .logstore import LogStore, judgement_kind
 from .metrics import Metrics
+from .queue import LabelingQueue, TaskClosed, check_labeler_id
 from .ratelimit import OverLimit, RateLimiter
 from .versions import VersionFollower
 
@@ -50,6 +52,13 @@ _STATUS = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     EngineError: grpc.StatusCode.UNAVAILABLE,
     VersionNotLoaded: grpc.StatusCode.FAILED_PRECONDITION,
+    TaskClosed: grpc.StatusCode.FAILED_PRECONDITION,
+}
+# Calls that judge, or take work to judge: role labeler or admin, not suspended.
+_JUDGING = {
+    "SubmitFeedback": ("its feedback is not accepted", "feedback needs a labeler credential"),
+    "NextTask": ("it may not take tasks", "labeling tasks need a labeler credential"),
+    "SkipTask": ("it may not take tasks", "labeling tasks need a labeler credential"),
 }
 _FINISH = {
     "stop": api_pb2.FINISH_REASON_STOP,
@@ -186,9 +195,11 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         *,
         auth: Authenticator,
         rate: RateLimiter,
+        queue: LabelingQueue,
     ):
         self.engine = engine
         self.store = store
+        self.queue = queue
         self.limits = limits
         self.metrics = metrics
         self.follower = follower
@@ -205,16 +216,15 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         caller = await self.auth.caller(context.invocation_metadata())
         if caller is None:
             return
-        if method == "SubmitFeedback":
+        if method in _JUDGING:
+            refused, needs = _JUDGING[method]
             if not caller.may_judge():
                 raise PermissionDenied(
                     f"user {caller.user_id!r} has role {caller.role!r}, which may not judge; "
-                    "feedback needs a labeler credential"
+                    f"{needs}"
                 )
             if caller.suspended:
-                raise PermissionDenied(
-                    f"user {caller.user_id!r} is suspended; its feedback is not accepted"
-                )
+                raise PermissionDenied(f"user {caller.user_id!r} is suspended; {refused}")
         if not hasattr(request, "user_id"):
             return
         if request.user_id and request.user_id != caller.user_id:
@@ -417,6 +427,8 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         self.metrics.feedback.labels(kind, "duplicate" if result.duplicate else "ok").inc()
         if not result.duplicate:
             await self._judge_canary(request, prompt)
+        if judgement_kind(request) == "comparison":  # a retry too: its first close may have failed
+            await self._close_task(request)
         log.info(
             "feedback",
             extra={
@@ -450,6 +462,64 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         except Exception as e:  # the feedback is stored; the A/B count is best effort
             log.warning("could not count a canary judgement: %s", e)
 
+    async def _close_task(self, feedback) -> None:
+        """Close the judge's lease on the prompt's queue item (or count a judgement sent
+        without one). Best effort: the feedback is stored; if this fails the lease expires
+        and the item goes to one more labeler than it needed."""
+        try:
+            status = await self.queue.close(feedback.user_id, feedback.prompt_id)
+        except Exception as e:
+            log.warning("could not close a labeling task: %s", e)
+            return
+        if status in ("closed", "finished"):
+            log.info("task judged", extra={"prompt_id": feedback.prompt_id, "status": status})
+
+    # ---- labeling queue -----------------------------------------------------------------
+
+    @_rpc
+    async def NextTask(self, request, context):
+        check_labeler_id(request.user_id, self.limits)
+        await self.rate.hit("tasks", request.user_id)
+        lease = await self.queue.next_task(request.user_id)
+        record = lease.record
+        task = api_pb2.Task(
+            task_id=lease.task_id,
+            prompt_id=lease.prompt_id,
+            prompt=record.prompt,
+            samples=record.samples,
+            lease_expires=_timestamp(lease.expires_ms / 1000),
+            queue_waiting=lease.waiting,
+            queue_leased=lease.leased,
+            overlap=lease.overlap,
+            lease_number=lease.number,
+        )
+        if record.HasField("chat"):
+            task.chat.CopyFrom(record.chat)
+        log.info(
+            "task leased",
+            extra={
+                "prompt_id": lease.prompt_id,
+                "task_id": lease.task_id,
+                "again": lease.again,
+                "waiting": lease.waiting,
+            },
+        )
+        return task
+
+    @_rpc
+    async def SkipTask(self, request, context):
+        check_labeler_id(request.user_id, self.limits)
+        dropped, waiting = await self.queue.skip(request)
+        log.info(
+            "task skipped",
+            extra={
+                "task_id": request.task_id,
+                "cannot_rank": request.cannot_rank,
+                "dropped": dropped,
+            },
+        )
+        return api_pb2.SkipTaskResponse(dropped=dropped, queue_waiting=waiting)
+
     # ---- model ------------------------------------------------------------------------
 
     @_rpc
@@ -470,4 +540,6 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                 rating_max=lim.rating_max,
             ),
             last_swap_error=self.follower.last_swap_error if self.follower else "",
+            queue_share=self.queue.cfg.queue_share,
+            queue_overlap=self.queue.cfg.queue_overlap,
         )
