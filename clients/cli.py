@@ -1,4 +1,4 @@
-"""Client subcommands of the `instructloop` command: generate, feedback, model.
+"""Client subcommands of the `instructloop` command: generate, feedback, task, model.
 
 instructloop/cli.py calls register(subparsers) and then args.func(args); every func here
 returns an exit code: 0 on success, 1 when the server returns an error (printed as
@@ -67,7 +67,7 @@ def connection_options(title: str, timeout: float) -> tuple[argparse.ArgumentPar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the generate, feedback and model subcommands to the `instructloop` parser."""
+    """Add the generate, feedback, task and model subcommands to the `instructloop` parser."""
     common, group = connection_options("connection and output", timeout=60.0)
     group.add_argument(
         "--token-file",
@@ -238,6 +238,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "scores", nargs="+", metavar="SAMPLE=SCORE", help="a sample id and its score, e.g. S1=5"
     )
     q.set_defaults(func=_command(_rate))
+
+    p = subparsers.add_parser(
+        "task",
+        formatter_class=formatter,
+        help="take prompts other users sent from the labeling queue",
+        description="Labelers (role labeler or admin) take work from the labeling queue: a\n"
+        "prompt another user sent and its samples, leased to you for a while. Judge\n"
+        "it with `instructloop feedback rank PROMPT_ID ...` (that closes the lease), or\n"
+        "give it back with `instructloop task skip TASK_ID`.",
+        epilog="examples:\n"
+        "  instructloop task next\n"
+        "  instructloop feedback rank P S3 S1=S2 S4\n"
+        "  instructloop task skip T --reason 'not my language' --cannot-rank",
+    )
+    steps = p.add_subparsers(dest="task_step", metavar="STEP", required=True)
+    q = steps.add_parser(
+        "next",
+        parents=[user, common],
+        help="lease the next task and show it",
+        description="Lease one queue item and show its prompt and samples. While your "
+        "lease is live you get the same task again. Exit code 1 with NOT_FOUND when "
+        "there is nothing for you.",
+    )
+    q.set_defaults(func=_command(_task_next))
+    q = steps.add_parser(
+        "skip",
+        parents=[user, common],
+        help="give a leased task back",
+        description="Give TASK_ID back: it goes to other labelers, never back to you. With "
+        "--cannot-rank (and a --reason) it also counts as unrankable; items that enough "
+        "labelers cannot rank leave the queue.",
+    )
+    q.add_argument("task_id", metavar="TASK_ID", help="the task_id printed by `task next`")
+    q.add_argument("--reason", default="", metavar="TEXT", help="why (kept for operators)")
+    q.add_argument(
+        "--cannot-rank",
+        action="store_true",
+        help="you cannot judge this item (needs --reason), rather than a plain skip",
+    )
+    q.set_defaults(func=_command(_task_skip))
 
     p = subparsers.add_parser(
         "model",
@@ -491,6 +531,48 @@ def _rate(args: argparse.Namespace, client: Client, console: Console) -> int:
         args.prompt_id, scores, user_id=_feedback_user(args), idempotency_key=args.key
     )
     return _print_feedback(args, console, response)
+
+
+# --- task -------------------------------------------------------------------------------
+
+
+def _task_next(args: argparse.Namespace, client: Client, console: Console) -> int:
+    task = client.next_task(user_id=_feedback_user(args))
+    if args.json:
+        _print_json(task)
+        return 0
+    until = task.lease_expires.ToDatetime(tzinfo=UTC)
+    console.print(
+        f"task_id [bold]{escape(task.task_id)}[/]   prompt_id [bold]{escape(task.prompt_id)}[/]"
+        f"   labeler {task.lease_number} of {task.overlap}"
+    )
+    console.print(
+        f"leased until {until:%H:%M:%S} UTC   queue: {task.queue_waiting} waiting, "
+        f"{task.queue_leased} leased"
+    )
+    console.print(Panel(Text(task.prompt), title="prompt", title_align="left"))
+    for sample in task.samples:
+        console.print(_sample_panel(sample.index, sample.text, sample))
+    console.print(
+        f"rank it: instructloop feedback rank {escape(task.prompt_id)} SAMPLE ...   "
+        f"give it back: instructloop task skip {escape(task.task_id)}"
+    )
+    return 0
+
+
+def _task_skip(args: argparse.Namespace, client: Client, console: Console) -> int:
+    if args.cannot_rank and not args.reason.strip():
+        raise UsageError("--cannot-rank needs a --reason")
+    response = client.skip_task(
+        args.task_id, args.reason, args.cannot_rank, user_id=_feedback_user(args)
+    )
+    if args.json:
+        _print_json(response)
+    elif response.dropped:
+        console.print(f"dropped: enough labelers cannot rank it ({response.queue_waiting} wait)")
+    else:
+        console.print(f"given back ({response.queue_waiting} items wait)")
+    return 0
 
 
 # --- model ------------------------------------------------------------------------------

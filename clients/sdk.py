@@ -17,6 +17,12 @@ server derives the user id from it, so user_id arguments can stay empty.
         response = client.generate("Write a haiku about queues.", n=4)
         ids = [s.sample_id for s in response.samples]
         client.rank(response.prompt_id, [ids[2], (ids[0], ids[1]), ids[3]])
+
+A labeler can also take prompts other users sent from the labeling queue (NextTask):
+
+        task = client.next_task()           # grpc.RpcError NOT_FOUND when there is none
+        client.rank(task.prompt_id, [...])  # the comparison closes the lease
+        client.skip_task(task.task_id, "not my language", cannot_rank=True)  # or give it back
 """
 
 from __future__ import annotations
@@ -270,6 +276,31 @@ class Client(_Base):
         )
         return self.submit_feedback(request, timeout=timeout)
 
+    def next_task(self, *, user_id: str = "", timeout: float | None = None) -> api_pb2.Task:
+        """Lease one item of the labeling queue: a prompt another user sent and its
+        samples. Judge it with rank/choose/rate(task.prompt_id, ...), or give it back with
+        skip_task. While the lease is live the same task comes back. grpc.RpcError
+        NOT_FOUND when nothing is there for this user (the message says why)."""
+        return self._stub.NextTask(
+            api_pb2.NextTaskRequest(user_id=user_id),
+            timeout=self._timeout(timeout),
+            metadata=self.metadata,
+        )
+
+    def skip_task(
+        self,
+        task_id: str,
+        reason: str = "",
+        cannot_rank: bool = False,
+        *,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SkipTaskResponse:
+        """Give a leased task back (it goes to other labelers, never back to you), or,
+        with cannot_rank and a reason, say it cannot be ranked."""
+        request = wire.skip_task_request(task_id, reason, cannot_rank, user_id)
+        return self._stub.SkipTask(request, timeout=self._timeout(timeout), metadata=self.metadata)
+
     def get_model(self, *, timeout: float | None = None) -> api_pb2.ModelInfo:
         """Describe the model version the answering replica serves, and its limits."""
         return self._stub.GetModel(
@@ -453,6 +484,29 @@ class AsyncClient(_Base):
             prompt_id, user_id, idempotency_key, rating=wire.rating(scores)
         )
         return await self.submit_feedback(request, timeout=timeout)
+
+    async def next_task(self, *, user_id: str = "", timeout: float | None = None) -> api_pb2.Task:
+        """Lease one item of the labeling queue (see Client.next_task)."""
+        return await self._stub.NextTask(
+            api_pb2.NextTaskRequest(user_id=user_id),
+            timeout=self._timeout(timeout),
+            metadata=self.metadata,
+        )
+
+    async def skip_task(
+        self,
+        task_id: str,
+        reason: str = "",
+        cannot_rank: bool = False,
+        *,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> api_pb2.SkipTaskResponse:
+        """Give a leased task back, or say it cannot be ranked (see Client.skip_task)."""
+        request = wire.skip_task_request(task_id, reason, cannot_rank, user_id)
+        return await self._stub.SkipTask(
+            request, timeout=self._timeout(timeout), metadata=self.metadata
+        )
 
     async def get_model(self, *, timeout: float | None = None) -> api_pb2.ModelInfo:
         """Describe the model version the answering replica serves, and its limits."""

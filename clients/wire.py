@@ -133,3 +133,15 @@ def rating(scores: Mapping[str, float]) -> api_pb2.Rating:
     return api_pb2.Rating(
         scores=[api_pb2.SampleScore(sample_id=sid, score=s) for sid, s in scores.items()]
     )
+
+
+def skip_task_request(
+    task_id: str, reason: str, cannot_rank: bool, user_id: str
+) -> api_pb2.SkipTaskRequest:
+    """A SkipTaskRequest: give a leased task back, or say it cannot be ranked (with a
+    reason)."""
+    if cannot_rank and not reason.strip():
+        raise ValueError("cannot_rank needs a reason")
+    return api_pb2.SkipTaskRequest(
+        task_id=task_id, reason=reason, cannot_rank=cannot_rank, user_id=user_id
+    )
