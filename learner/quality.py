@@ -183,13 +183,17 @@ def flag_user(
 # ---------------------------------------------------------------------------- measuring
 
 
-def peer_evidence(comparisons: Sequence[Comparison]) -> tuple[dict[str, Evidence], float, int]:
+def peer_evidence(
+    comparisons: Sequence[Comparison], distrust: frozenset[str] = frozenset()
+) -> tuple[dict[str, Evidence], float, int]:
     """Per-user peer evidence, the overall inter-labeler agreement and its pair count.
 
     On each prompt that two or more users judged, every strictly ordered sample pair of a
     judgement is checked against every other user's judgement that strictly ordered it
     too (a tie on either side is no evidence). The overall agreement counts each
-    (two judgements, sample pair) once."""
+    (two judgements, sample pair) once. A user in `distrust` is measured like any other,
+    but its orders are no evidence about the others (an honest user who shared a prompt
+    with an inverting adversary would otherwise look inverted)."""
     by_prompt: dict[str, list[Comparison]] = defaultdict(list)
     for c in comparisons:
         by_prompt[c.prompt_id].append(c)
@@ -202,15 +206,16 @@ def peer_evidence(comparisons: Sequence[Comparison]) -> tuple[dict[str, Evidence
         for c, mine in zip(group, orders, strict=True):
             agree = compared = 0
             for o, theirs in zip(group, orders, strict=True):
-                if o.user_id == c.user_id:
+                if o.user_id == c.user_id or o.user_id in distrust:
                     continue
                 for pair, sign in mine.items():
                     if pair in theirs:
                         compared += 1
                         agree += theirs[pair] == sign
             evidence[c.user_id].add(agree, compared)
-            agree_all += agree
-            compared_all += compared
+            if not distrust:
+                agree_all += agree
+                compared_all += compared
     overall = agree_all / compared_all if compared_all else 0.0
     return dict(evidence), overall, compared_all // 2  # each pair was seen from both sides
 
@@ -293,8 +298,13 @@ def measure(
         for user, e in rm_evidence(rm_dir, unseen, max_length, batch_size, device).items():
             rm[user] = rm.get(user, Evidence()).merge(e)
         scored_seq = seq_hi
-    peer, agreement, pairs = peer_evidence(ds.comparisons())
-    users = user_quality(ds.feedback_counts(), rm, peer, min_judgements, round_no)
+    comparisons, counts = ds.comparisons(), ds.feedback_counts()
+    peer, agreement, pairs = peer_evidence(comparisons)
+    users = user_quality(counts, rm, peer, min_judgements, round_no)
+    flagged = frozenset(u for u, q in users.items() if q.flagged)
+    if flagged:  # again, without taking the flagged users' word about the others
+        peer, _, _ = peer_evidence(comparisons, distrust=flagged)
+        users = user_quality(counts, rm, peer, min_judgements, round_no)
     return Measured(users, agreement, pairs, rm, scored_seq)
 
 

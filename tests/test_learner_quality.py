@@ -206,6 +206,19 @@ def test_peer_agreement_counts_pairs_both_users_ordered():
     assert agreement == pytest.approx(8 / 12) and pairs == 6
 
 
+def test_a_distrusted_users_orders_are_no_evidence_about_others():
+    """Alice (honest) shared a prompt only with mallory, who inverts: against mallory she
+    looks inverted; with mallory distrusted she has no peer evidence, and mallory is still
+    measured against her."""
+    a = Comparison("fa", "p", "alice", "", ["s0", "s1", "s2"], [0, 1, 2], [0, 1, 2])
+    m = Comparison("fm", "p", "mallory", "", ["s0", "s1", "s2"], [2, 1, 0], [0, 1, 2])
+    peer, _, _ = peer_evidence([a, m])
+    assert peer["alice"].mean == 0.0 and peer["mallory"].mean == 0.0
+    peer, _, _ = peer_evidence([a, m], distrust=frozenset({"mallory"}))
+    assert "alice" not in peer or peer["alice"].judgements == 0
+    assert (peer["mallory"].agree, peer["mallory"].pairs) == (0, 3)
+
+
 def test_user_quality_fills_every_field_operators_read():
     rm = {"u1": Evidence(), "u2": Evidence()}
     rm["u1"].add(3, 4)
