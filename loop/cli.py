@@ -36,6 +36,9 @@ def _view(sim):
         f"({s.overlapping} overlapping"
         + (f", {s.adversarial} adversarial" if sim.adversaries else "")
         + f")  demonstrations {s.demonstrations}  ",
+        f"via queue: {s.generated} prompts from {len(sim.apps)} apps  "
+        if sim.cfg.via_queue
+        else "",
         (f"errors {s.errors}" if s.errors else "", "red"),
         (f" ({s.dead_users} users died)" if s.dead_users else "", "red"),
     )
@@ -160,7 +163,9 @@ def register(subparsers) -> None:
         "K samples with a labeler (--labeler module:function, a callable (prompt, samples) "
         "-> ranking), sometimes writes a demonstration; each user has its own credential, a "
         "share may be adversaries (--adversaries, --adversary), and the learner's held-out "
-        "users only evaluate. Shows "
+        "users only evaluate. With --via-queue, simulated apps send the prompts and the "
+        "labelers take their work only from the server's labeling queue (NextTask; the "
+        "server needs --queue-share > 0). Shows "
         "live progress and writes report.json and report.png to --out. Every version is "
         "measured by greedy and sampled exact-match, labeler win rate vs v0 and vs its "
         "round's SFT-only policy, RM held-out accuracy and KL. Exit code 0 when a promoted "

@@ -15,6 +15,15 @@ share of responses is ranked by a second user too (--overlap), so the learner ca
 agreement between labelers; at the end the report says how many adversaries and how many
 honest users the learner flagged.
 
+With --via-queue the work goes through the server's labeling queue, as InstructGPT's
+labelers judged prompts customers sent: simulated apps (--apps, role app, their own
+credentials) generate the prompts and never rank; the labelers take work only with
+NextTask, rank what it hands them and sometimes demonstrate. When the queue has nothing
+for a labeler, an app generates a prompt and the labeler asks again. The server must
+enqueue prompts (--queue-share > 0; `instructloop up` sets 1): the run checks GetModel
+first, and stops with a message if NextTask keeps finding nothing. How many labelers
+rank each item is the server's --queue-overlap (--overlap is not used).
+
 Measuring, for every version the learner publishes (ListVersions, Admin API): its
 checkpoint answers the held-out evaluation prompts (evaluate.py: the files in the model
 store that every replica loads), greedily and at --eval-temperature, and
@@ -41,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -54,7 +64,7 @@ import grpc
 from instructloop.clients import AsyncClient
 from instructloop.clients.admin import AdminClient, default_token
 from instructloop.clients.sdk import default_target
-from instructloop.v1 import admin_pb2
+from instructloop.v1 import admin_pb2, api_pb2
 
 from . import adversaries
 from . import report as report_io
@@ -63,6 +73,21 @@ from .labelers import check_ranking, compare, load_labeler
 from .tasks import make_prompt
 
 UNREACHABLE_S = 60.0  # the server answered nothing for this long: stop and report
+
+
+class QueueStarved(Exception):
+    """--via-queue: NextTask keeps finding nothing although the apps keep asking."""
+
+
+@dataclass
+class Judged:
+    """A ranking a user sent: what it ranked, for what may follow (a demonstration)."""
+
+    user: str
+    prompt: str
+    prompt_id: str
+    samples: list  # api_pb2.Sample, as the user saw them
+    served: str  # the version that was current when they were made
 
 
 def _default_data_dir() -> str:
@@ -107,8 +132,20 @@ class SimulateConfig:
         default=0.1,
         metadata={
             "help": "Share of responses a second user ranks too (the learner measures "
-            "inter-labeler agreement on them)."
+            "inter-labeler agreement on them). Not used with --via-queue."
         },
+    )
+    via_queue: bool = field(
+        default=False,
+        metadata={
+            "help": "Labelers take work only from the server's labeling queue (NextTask); "
+            "--apps simulated apps generate the prompts and never rank. Needs a server "
+            "with --queue-share > 0; its --queue-overlap sets how many labelers rank each "
+            "prompt."
+        },
+    )
+    apps: int = field(
+        default=5, metadata={"help": "With --via-queue: simulated apps (role app) that ask."}
     )
     k: int = field(
         default=8,
@@ -159,6 +196,7 @@ class SimulateConfig:
 class Stats:
     comparisons: int = 0
     overlapping: int = 0  # comparisons of a response another user ranked too
+    generated: int = 0  # --via-queue: prompts the apps generated
     adversarial: int = 0  # comparisons sent by adversaries
     demonstrations: int = 0
     errors: int = 0
@@ -178,7 +216,15 @@ class Simulation:
             raise ValueError("--adversaries must be in [0, 1) and --overlap in [0, 1]")
         if cfg.adversary not in adversaries.KINDS:
             raise ValueError(f"--adversary must be one of {', '.join(adversaries.KINDS)}")
+        if cfg.via_queue and (cfg.apps < 1 or cfg.users < cfg.concurrency):
+            raise ValueError(
+                "--via-queue needs --apps >= 1 and --users >= --concurrency (a labeler holds "
+                "one lease at a time, so each acting user is a different labeler)"
+            )
         self.users = [f"sim-{cfg.seed}-{i:03d}" for i in range(cfg.users)]
+        self.apps = [f"sim-{cfg.seed}-app-{i:02d}" for i in range(cfg.apps)] * cfg.via_queue
+        self.busy: set[str] = set()  # --via-queue: labelers acting now (one lease each)
+        self.max_empty = 0  # --via-queue: empty NextTasks in a row before giving up (_run)
         shuffled = random.Random(cfg.seed + 7).sample(self.users, cfg.users)
         self.adversaries = set(shuffled[: round(cfg.adversaries * cfg.users)])
         self.clients: dict[str, AsyncClient] = {}  # user -> a client with its credential
@@ -217,66 +263,136 @@ class Simulation:
         self.next_slot = max(self.next_slot, now) + 1.0 / self.cfg.rate
         await asyncio.sleep(max(0.0, self.next_slot - 1.0 / self.cfg.rate - now))
 
-    def _ranking(self, user: str, prompt: str, r) -> list[tuple[int, ...]]:
-        texts = [s.text for s in r.samples]
+    def _ranking(self, user: str, prompt: str, samples, served: str) -> list[tuple[int, ...]]:
+        texts = [s.text for s in samples]
         if user in self.adversaries:
-            versions = [s.version for s in r.samples]
+            versions = [s.version for s in samples]
             ranking = adversaries.rank(
-                self.cfg.adversary, self.labeler, prompt, texts, versions, r.version, self.rng
+                self.cfg.adversary, self.labeler, prompt, texts, versions, served, self.rng
             )
         else:
             ranking = self.labeler(prompt, texts)
         return check_ranking(ranking, len(texts))
 
-    async def _judge(self, user: str, prompt: str, r) -> None:
-        """One user's ranking of a response (and, sometimes, a demonstration)."""
-        client = self.clients[user]
-        tiers = self._ranking(user, prompt, r)
-        ids = [tuple(r.samples[i].sample_id for i in tier) for tier in tiers]
-        await client.rank(r.prompt_id, ids)
+    async def _judge(self, user: str, prompt: str, prompt_id: str, samples, served: str) -> None:
+        """One user's ranking of a prompt's samples; `served` is the version that was
+        current when they were made (an arena's other samples are the canary's)."""
+        tiers = self._ranking(user, prompt, samples, served)
+        ids = [tuple(samples[i].sample_id for i in tier) for tier in tiers]
+        await self.clients[user].rank(prompt_id, ids)
         self.stats.comparisons += 1
         self.stats.adversarial += user in self.adversaries
         self.last_sent_at = self.elapsed()
-        if self.rng.random() < self.cfg.demo_prob:
-            if user in self.adversaries:
-                texts = [s.text for s in r.samples]
-                demo = adversaries.demonstration(self.cfg.adversary, self.labeler, prompt, texts)
-            else:
-                demo = self.demonstrate(prompt) if self.demonstrate is not None else None
-            if demo:
-                await client.demonstrate(r.prompt_id, demo)
-                self.stats.demonstrations += 1
+
+    async def _demonstrate(self, user: str, prompt: str, prompt_id: str, samples) -> None:
+        """Sometimes (--demo-prob) the user also writes the answer it wanted."""
+        if self.rng.random() >= self.cfg.demo_prob:
+            return
+        if user in self.adversaries:
+            texts = [s.text for s in samples]
+            demo = adversaries.demonstration(self.cfg.adversary, self.labeler, prompt, texts)
+        else:
+            demo = self.demonstrate(prompt) if self.demonstrate is not None else None
+        if demo:
+            await self.clients[user].demonstrate(prompt_id, demo)
+            self.stats.demonstrations += 1
+
+    async def _direct(self, user: str) -> Judged:
+        """The user asks and ranks its own response."""
+        cfg = self.cfg
+        prompt = make_prompt(self.rng)
+        r = await self.clients[user].generate(
+            prompt, n=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature
+        )
+        await self._judge(user, prompt, r.prompt_id, r.samples, r.version)
+        return Judged(user, prompt, r.prompt_id, r.samples, r.version)
+
+    async def _from_queue(self, user: str) -> Judged:
+        """The labeler takes a task from the queue (apps feed it when it has none) and
+        ranks it."""
+        task = await self._next_task(user)
+        samples = task.samples
+        served = self.current if self.current in {s.version for s in samples} else ""
+        served = served or samples[-1].version
+        await self._judge(user, task.prompt, task.prompt_id, samples, served)
+        self.stats.overlapping += task.overlap > 1
+        return Judged(user, task.prompt, task.prompt_id, samples, served)
+
+    async def _afterwards(self, j: Judged) -> None:
+        """After a ranking: sometimes a demonstration; without the queue, a share of
+        responses is ranked by a second user too (--overlap)."""
+        await self._demonstrate(j.user, j.prompt, j.prompt_id, j.samples)
+        if self.cfg.via_queue:
+            return
+        if self.rng.random() < self.cfg.overlap and self.started < self.cfg.max_comparisons:
+            self.started += 1
+            second = self.rng.choice([u for u in self.users if u != j.user])
+            try:
+                await self._judge(second, j.prompt, j.prompt_id, j.samples, j.served)
+            except BaseException:
+                self.started -= 1
+                raise
+            self.stats.overlapping += 2
+
+    async def _next_task(self, user: str) -> api_pb2.Task:
+        """The labeler's next task. While NextTask finds nothing for it, an app generates
+        a prompt (n=K, into the queue at the server's --queue-share) and it asks again;
+        QueueStarved after self.max_empty empty answers in a row."""
+        cfg = self.cfg
+        why = ""
+        for _ in range(self.max_empty):
+            try:
+                return await self.clients[user].next_task()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                why = e.details()
+            app = self.rng.choice(self.apps)
+            await self.clients[app].generate(
+                make_prompt(self.rng), n=cfg.k, max_tokens=cfg.max_tokens,
+                temperature=cfg.temperature,
+            )  # fmt: skip
+            self.stats.generated += 1
+        raise QueueStarved(
+            f"NextTask found nothing {self.max_empty} times in a row, each after an app "
+            f"generated a prompt: does the server put prompts in its labeling queue "
+            f"(--queue-share)? Last answer: {why}"
+        )
+
+    def _error(self, e: grpc.RpcError) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{e.code().name}: {e.details()}"
 
     async def user_loop(self) -> None:
         cfg = self.cfg
+        step = self._from_queue if cfg.via_queue else self._direct
         while not self.stop.is_set():
             if self.started >= cfg.max_comparisons:
                 self.done_sending.set()
                 return
             self.started += 1  # reserved before the await: the cap holds across users
             await self._slot()
-            user = self.rng.choice(self.users)
-            prompt = make_prompt(self.rng)
-            ranked = False
+            if cfg.via_queue:  # a labeler holds one lease: each acting one is another user
+                user = self.rng.choice([u for u in self.users if u not in self.busy])
+            else:
+                user = self.rng.choice(self.users)
+            self.busy.add(user)
+            judged: Judged | None = None
             try:
-                r = await self.clients[user].generate(
-                    prompt, n=cfg.k, max_tokens=cfg.max_tokens, temperature=cfg.temperature
-                )
-                await self._judge(user, prompt, r)
-                ranked = True
-                if self.rng.random() < cfg.overlap and self.started < cfg.max_comparisons:
-                    self.started += 1
-                    second = self.rng.choice([u for u in self.users if u != user])
-                    await self._judge(second, prompt, r)  # the same samples, another user
-                    self.stats.overlapping += 2
+                judged = await step(user)
+                await self._afterwards(judged)
             except grpc.RpcError as e:
-                if not ranked:
+                if judged is None:
                     self.started -= 1  # give the slot back: no comparison was made
-                self.stats.errors += 1
-                self.stats.last_error = f"{e.code().name}: {e.details()}"
+                self._error(e)
                 await asyncio.sleep(1.0)
+            except QueueStarved as e:
+                self.started -= 1
+                self.failed = str(e)
+                self.stop.set()
+                return
             except Exception as e:  # noqa: BLE001 - the labeler's bug: this user ends
-                if not ranked:
+                if judged is None:
                     self.started -= 1
                 self.stats.errors += 1
                 self.stats.dead_users += 1
@@ -285,18 +401,22 @@ class Simulation:
                     self.failed = f"every simulated user has died; last: {self.stats.last_error}"
                     self.stop.set()
                 return
+            finally:
+                self.busy.discard(user)
 
     # ------------------------------------------------------------------- users' credentials
 
     def _credentials(self, admin: AdminClient) -> dict[str, str]:
         """Every simulated user's token: from DATA_DIR/simulate-users.json, adding the
-        users it lacks through the Admin API (labelers) and saving the file (0600)."""
+        users it lacks through the Admin API (labelers, and apps with --via-queue) and
+        saving the file (0600)."""
         path = Path(self.cfg.data_dir) / "simulate-users.json"
         tokens = json.loads(path.read_text()) if path.exists() else {}
-        missing = [u for u in self.users if u not in tokens]
+        roles = {u: "labeler" for u in self.users} | {a: "app" for a in self.apps}
+        missing = [u for u in roles if u not in tokens]
         for user in missing:
             try:
-                tokens[user] = admin.add_user(user, "labeler").token
+                tokens[user] = admin.add_user(user, roles[user]).token
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise ValueError(
@@ -477,7 +597,7 @@ class Simulation:
         with AdminClient(cfg.target, token=token, actor="simulate") as admin:
             tokens = await asyncio.to_thread(self._credentials, admin)
             self.clients = {u: AsyncClient(cfg.target, timeout=120, token=tokens[u])
-                            for u in self.users}  # fmt: skip
+                            for u in self.users + self.apps}  # fmt: skip
             client = self.clients[self.users[0]]
             try:
                 await self._run(client, admin, show)
@@ -491,6 +611,15 @@ class Simulation:
     async def _run(self, client: AsyncClient, admin: AdminClient, show) -> None:
         cfg = self.cfg
         model = await client.get_model()
+        if cfg.via_queue:
+            if model.queue_share <= 0:
+                raise ValueError(
+                    "--via-queue needs a server that puts prompts in its labeling queue, and "
+                    f"{cfg.target} runs with --queue-share 0: start it with --queue-share 1 "
+                    "(`instructloop up` sets it; `--serve-args '--queue-share 1'` otherwise)"
+                )
+            # An item needs about 1/share prompts; give up after ten times that for nothing.
+            self.max_empty = max(20, math.ceil(10 / model.queue_share))
         self.current = model.version
         self.served.append({"version": model.version, "t": 0.0, "comparisons": 0})
         await asyncio.to_thread(self._refresh_versions, admin)  # before any traffic
@@ -529,6 +658,8 @@ class Simulation:
             "seconds": round(self.elapsed(), 1),
             "comparisons": self.stats.comparisons,
             "overlapping_comparisons": self.stats.overlapping,
+            "via_queue": self.cfg.via_queue,
+            "generated_prompts": self.stats.generated,
             "adversarial_comparisons": self.stats.adversarial,
             "demonstrations": self.stats.demonstrations,
             "errors": self.stats.errors,

@@ -52,6 +52,10 @@ TINY_LEARNER_ARGS = (
     "--ppo-value-learning-rate 1e-4 --ppo-kl-beta 0.05 --ppo-ptx-coef 1.0"
 )
 STOP_TIMEOUT_S = {"learner": 180.0, "server": 60.0}
+# The local loop puts every logged prompt with n >= 2 in the labeling queue, so the local
+# labeler (`instructloop task next`) and `simulate --via-queue` have work at once; a
+# server's own default is 0. `--serve-args '--queue-share 0.1'` overrides it.
+QUEUE_SERVE_ARGS = ("--queue-share", "1")
 
 
 def _default_data_dir() -> str:
@@ -198,7 +202,7 @@ def run(cfg: UpConfig) -> int:
                 "--host", cfg.host, "--port", str(cfg.port),
                 "--metrics-port", str(cfg.metrics_port), "--log-format", "text",
                 *(["--enable-lora"] if cfg.enable_lora else []),
-                *shlex.split(cfg.serve_args),
+                *QUEUE_SERVE_ARGS, *shlex.split(cfg.serve_args),
             ],
             logs / "server.log",
         )  # fmt: skip
