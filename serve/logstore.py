@@ -8,7 +8,9 @@ it (serve/queue.py: n >= 2, drawn by --queue-share), the same MULTI enqueues it.
 Feedback is accepted by one Lua script, atomically: it replays an idempotent retry,
 refuses a second judgement of the same kind (comparison or demonstration) by
 the same user of the same prompt, and otherwise appends
-the record to the feedback stream and remembers the judgement. The script's reply comes
+the record to the feedback stream and remembers the judgement; a comparison also closes
+the judge's lease on the prompt's labeling-queue item (queue.CLOSE_TASK_LUA), so a lease
+is closed if and only if its comparison is stored. The script's reply comes
 only after Redis has applied (and, with appendfsync always, persisted) the write.
 
 Every call has a deadline (`timeout_s`): a Redis that accepts connections but does not
@@ -43,38 +45,47 @@ from instructloop.keys import DATA_FIELD, Keys
 from instructloop.v1 import api_pb2, records_pb2
 
 from .errors import AlreadyExists, NotFound, Unavailable
+from .queue import CLOSE_TASK_LUA
 
 if TYPE_CHECKING:
     from .queue import LabelingQueue
 
 log = logging.getLogger(__name__)
 
-# KEYS: prompt, judgement, idempotency ('' when none), feedback stream
-# ARGV: feedback id, record bytes, content hash
-# Reply: {status, feedback id}
-_SUBMIT_FEEDBACK = """
+# KEYS: prompt, judgement, idempotency ('' when none), feedback stream, and the labeling
+#       queue's waiting set, leases, the judge's lease pointer, the prompt's item
+# ARGV: feedback id, record bytes, content hash, judge ('' unless a comparison), prompt id
+# Reply: {status, feedback id, the queue's close status ('' when not run)}
+_SUBMIT_FEEDBACK = (
+    CLOSE_TASK_LUA
+    + """
 local idem = KEYS[3]
 if idem ~= '' then
   local prev = redis.call('GET', idem)
   if prev then
     local sep = string.find(prev, ' ', 1, true)
     local hash, fid = string.sub(prev, 1, sep - 1), string.sub(prev, sep + 1)
-    if hash == ARGV[3] then return {'duplicate', fid} end
-    return {'key_reused', fid}
+    if hash == ARGV[3] then return {'duplicate', fid, ''} end
+    return {'key_reused', fid, ''}
   end
 end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return {'not_found', ''} end
+if ttl == -2 then return {'not_found', '', ''} end
 local judged = redis.call('GET', KEYS[2])
-if judged then return {'already_judged', judged} end
+if judged then return {'already_judged', judged, ''} end
 redis.call('XADD', KEYS[4], '*', 'data', ARGV[2])
 if ttl < 0 then ttl = 86400000 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
 if idem ~= '' then
   redis.call('SET', idem, ARGV[3] .. ' ' .. ARGV[1], 'PX', ttl)
 end
-return {'ok', ARGV[1]}
+local task = ''
+if ARGV[4] ~= '' then
+  task = close_task(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[4], ARGV[5])
+end
+return {'ok', ARGV[1], task}
 """
+)
 
 
 class CircuitBreaker:
@@ -118,6 +129,7 @@ def _text(value: bytes | str) -> str:
 class FeedbackResult:
     feedback_id: str
     duplicate: bool
+    task: str = ""  # what a comparison did to the labeling queue (CLOSE_TASK_LUA's status)
 
 
 def judgement_kind(req: api_pb2.SubmitFeedbackRequest) -> str:
@@ -247,18 +259,30 @@ class LogStore:
         idem = (
             self.keys.idempotency(req.user_id, req.idempotency_key) if req.idempotency_key else ""
         )
+        kind = judgement_kind(req)
         keys = [
             self.keys.prompt(req.prompt_id),
-            self.keys.judgement(req.prompt_id, req.user_id, judgement_kind(req)),
+            self.keys.judgement(req.prompt_id, req.user_id, kind),
             idem,
             self.keys.feedback_stream,
+            self.keys.queue_waiting,
+            self.keys.queue_leases,
+            self.keys.queue_lease_of(req.user_id),
+            self.keys.queue_item(req.prompt_id),
         ]
-        args = [record.feedback_id, record.SerializeToString(), content_hash(req)]
+        judge = req.user_id if kind == "comparison" else ""  # a demonstration closes nothing
+        args = [
+            record.feedback_id,
+            record.SerializeToString(),
+            content_hash(req),
+            judge,
+            req.prompt_id,
+        ]
         async with self.call("could not store feedback in Redis"):
-            status, fid = await self._submit(keys=keys, args=args)
+            status, fid, task = await self._submit(keys=keys, args=args)
         status, fid = status.decode(), fid.decode()
         if status == "ok":
-            return FeedbackResult(fid, duplicate=False)
+            return FeedbackResult(fid, duplicate=False, task=task.decode())
         if status == "duplicate":
             return FeedbackResult(fid, duplicate=True)
         if status == "not_found":

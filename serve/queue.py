@@ -10,8 +10,10 @@ and a labeler asks for work with NextTask:
   agreement); a labeler holds one lease at most, and NextTask returns it again while it
   is live, so a retried call never strands a second item;
 - never the labeler's own prompt, nor one it leased, skipped or judged before;
-- a comparison (ranking, choice or rating) by the labeler closes its lease; when
-  `overlap` labelers have judged the item it leaves the queue. A demonstration alone does
+- a comparison (ranking, choice or rating) by the labeler closes its lease, in the
+  script that stores it (CLOSE_TASK_LUA, run by logstore's SubmitFeedback script): the
+  lease is closed if and only if the comparison is stored; when `overlap` labelers have
+  judged the item it leaves the queue. A demonstration alone does
   not close it: the queue asks for the comparison the reward model and the agreement
   measure need, and a demonstration is an extra the labeler may add beside it. A
   comparison sent without a lease (or after the lease expired) counts too; the owner's
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio.client import Pipeline
 
@@ -43,7 +46,9 @@ from instructloop.v1 import api_pb2, records_pb2
 
 from .config import Limits, QueueConfig
 from .errors import ApiError, InvalidArgument, NotFound
-from .logstore import LogStore
+
+if TYPE_CHECKING:
+    from .logstore import LogStore
 
 RECLAIM_PER_CALL = 64  # expired leases one NextTask reclaims at most (oldest first)
 
@@ -208,29 +213,33 @@ return {'ok', 0, redis.call('ZCARD', KEYS[1]), kind}
 """
 )
 
-# KEYS: waiting, leases, the judge's lease pointer, item. ARGV: user, prompt id
-# Reply: 'none' (not a queue item), 'own', 'already', 'closed' or 'finished'
-_CLOSE = (
+# The close step of SubmitFeedback's script (logstore._SUBMIT_FEEDBACK runs it right after
+# it stores a comparison, atomically with it): the judge's lease on the prompt's item
+# becomes a judgement, or a judgement sent without a lease takes a place; with `need`
+# judgements the item leaves the queue.
+# Returns 'none' (not a queue item), 'own', 'already', 'closed' or 'finished'.
+CLOSE_TASK_LUA = (
     _FORGET
     + """
-local user, pid = ARGV[1], ARGV[2]
-local f = redis.call('HMGET', KEYS[4], 'owner', 'need', 'u:' .. user)
-if not f[2] then return 'none' end
-if f[1] == user then return 'own' end
-if f[3] == 'J' then return 'already' end
-redis.call('HSET', KEYS[4], 'u:' .. user, 'J')
-if f[3] and string.sub(f[3], 1, 1) == 'L' then  -- the lease becomes a judgement
-  redis.call('ZREM', KEYS[2], pid .. ' ' .. user)
-  forget(KEYS[3], pid)
-elseif redis.call('HINCRBY', KEYS[4], 'taken', 1) >= tonumber(f[2]) then
-  redis.call('ZREM', KEYS[1], pid)
+local function close_task(waiting, leases, lease_of, item, user, pid)
+  local f = redis.call('HMGET', item, 'owner', 'need', 'u:' .. user)
+  if not f[2] then return 'none' end
+  if f[1] == user then return 'own' end
+  if f[3] == 'J' then return 'already' end
+  redis.call('HSET', item, 'u:' .. user, 'J')
+  if f[3] and string.sub(f[3], 1, 1) == 'L' then  -- the lease becomes a judgement
+    redis.call('ZREM', leases, pid .. ' ' .. user)
+    forget(lease_of, pid)
+  elseif redis.call('HINCRBY', item, 'taken', 1) >= tonumber(f[2]) then
+    redis.call('ZREM', waiting, pid)
+  end
+  if redis.call('HINCRBY', item, 'done', 1) >= tonumber(f[2]) then
+    redis.call('DEL', item)
+    redis.call('ZREM', waiting, pid)
+    return 'finished'
+  end
+  return 'closed'
 end
-if redis.call('HINCRBY', KEYS[4], 'done', 1) >= tonumber(f[2]) then
-  redis.call('DEL', KEYS[4])
-  redis.call('ZREM', KEYS[1], pid)
-  return 'finished'
-end
-return 'closed'
 """
 )
 
@@ -295,7 +304,6 @@ class LabelingQueue:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._next = redis.register_script(_NEXT)
         self._skip = redis.register_script(_SKIP)
-        self._close = redis.register_script(_CLOSE)
 
     def wants(self, record: records_pb2.PromptRecord) -> bool:
         """Whether this logged prompt becomes a queue item (n >= 2, drawn by the share)."""
@@ -406,16 +414,3 @@ class LabelingQueue:
                 f"user {user_id!r} already {done} task {request.task_id[:80]!r}; nothing to skip"
             )
         return bool(dropped), int(waiting)
-
-    async def close(self, user_id: str, prompt_id: str) -> str:
-        """A comparison by user_id was stored: close its lease on the item (or count a
-        judgement sent without one). Returns the script's status."""
-        keys = [
-            self.keys.queue_waiting,
-            self.keys.queue_leases,
-            self.keys.queue_lease_of(user_id),
-            self.keys.queue_item(prompt_id),
-        ]
-        async with self.store.call("could not update the labeling queue"):
-            status = await self._close(keys=keys, args=[user_id, prompt_id])
-        return _text(status)

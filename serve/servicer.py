@@ -34,7 +34,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .logstore import LogStore, judgement_kind
+from .logstore import LogStore
 from .metrics import Metrics
 from .queue import LabelingQueue, TaskClosed, check_labeler_id
 from .ratelimit import OverLimit, RateLimiter
@@ -427,8 +427,6 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         self.metrics.feedback.labels(kind, "duplicate" if result.duplicate else "ok").inc()
         if not result.duplicate:
             await self._judge_canary(request, prompt)
-        if judgement_kind(request) == "comparison":  # a retry too: its first close may have failed
-            await self._close_task(request)
         log.info(
             "feedback",
             extra={
@@ -436,6 +434,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                 "prompt_id": request.prompt_id,
                 "kind": kind,
                 "duplicate": result.duplicate,
+                "task": result.task,
             },
         )
         return api_pb2.SubmitFeedbackResponse(
@@ -461,18 +460,6 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
                     log.info("canary decision", extra={"canary": canary, "decision": decision})
         except Exception as e:  # the feedback is stored; the A/B count is best effort
             log.warning("could not count a canary judgement: %s", e)
-
-    async def _close_task(self, feedback) -> None:
-        """Close the judge's lease on the prompt's queue item (or count a judgement sent
-        without one). Best effort: the feedback is stored; if this fails the lease expires
-        and the item goes to one more labeler than it needed."""
-        try:
-            status = await self.queue.close(feedback.user_id, feedback.prompt_id)
-        except Exception as e:
-            log.warning("could not close a labeling task: %s", e)
-            return
-        if status in ("closed", "finished"):
-            log.info("task judged", extra={"prompt_id": feedback.prompt_id, "status": status})
 
     # ---- labeling queue -----------------------------------------------------------------
 

@@ -113,7 +113,12 @@ def test_a_labeler_takes_ranks_and_the_item_leaves(queue_server, db):
     assert ann.next_task().task_id == task.task_id, "a live lease comes back, not a new one"
 
     ranking = _tiers(task)
-    ann.rank(task.prompt_id, [ranking[0], tuple(ranking[1:3]), ranking[3]])
+    tiered = [ranking[0], tuple(ranking[1:3]), ranking[3]]
+    first = ann.rank(task.prompt_id, tiered, idempotency_key="q1-rank")
+    assert ann.rank(task.prompt_id, tiered, idempotency_key="q1-rank").duplicate, "a retry"
+    err = _code(lambda: ann.rank(task.prompt_id, ranking))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and first.feedback_id in err.details()
+    assert db.hget(KEYS.queue_item(r.prompt_id), "done") == b"1", "counted once"
     assert _code(ann.next_task).code() == grpc.StatusCode.NOT_FOUND, "judged: never again"
     (stored,) = _feedback(db, r.prompt_id)
     assert stored.feedback.user_id == "q1-ann"
