@@ -10,7 +10,9 @@ $INSTRUCTLOOP_ADMIN_TOKEN, or the server's DATA_DIR/admin-token file.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -19,6 +21,22 @@ import grpc
 from instructloop.v1 import admin_pb2, admin_pb2_grpc
 
 from .sdk import default_target, tls_credentials
+
+# The few measures an operator reads first, as (label, metrics key): the round's reward
+# model on held-out users' comparisons, the gate's RM-estimated win rate against the
+# serving version, and the candidate's KL to its reference (learner/rounds.py writes them).
+KEY_METRICS = (("RM acc", "rm_heldout_accuracy"), ("gate win", "win_rate"), ("KL", "kl"))
+
+
+def key_metrics(info: admin_pb2.VersionInfo) -> dict[str, float | None]:
+    """The version's KEY_METRICS and its feedback count, by label; None where the version
+    has no finite value (the base, a round without held-out comparisons)."""
+    out: dict[str, float | None] = {}
+    for label, key in KEY_METRICS:
+        value = info.metrics.get(key, info.gate.measures.get(key))
+        out[label] = value if value is not None and math.isfinite(value) else None
+    out["feedback"] = float(info.feedback_count)
+    return out
 
 
 def default_token(data_dir: str | None = None) -> str:
@@ -115,6 +133,34 @@ class AdminClient:
             min_users=min_users,
         )
         return self._call(self._stub.SetCanary, request)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def whoami(self) -> admin_pb2.UserInfo:
+        """Who this client's credential belongs to (any valid credential may ask)."""
+        return self._call(self._stub.WhoAmI, admin_pb2.WhoAmIRequest())
+
+    def list_audit(self, count: int = 100) -> list:
+        """The newest `count` audit records (records_pb2.AuditRecord), newest first."""
+        return list(
+            self._call(self._stub.ListAudit, admin_pb2.ListAuditRequest(count=count)).records
+        )
+
+    def watch_events(self) -> Iterator:
+        """The registry's events (records_pb2.RegistryEvent) as they happen: first one with
+        action "watching" once subscribed. Cancel the returned call (or leave the loop and
+        call .cancel()) to stop."""
+        return self._stub.WatchEvents(
+            admin_pb2.WatchEventsRequest(), timeout=None, metadata=self.metadata
+        )
+
+    def export_feedback(
+        self, after: str = "", limit: int = 0
+    ) -> Iterator[admin_pb2.FeedbackExport]:
+        """Judgements from the feedback stream, oldest first, after the entry id `after`
+        (empty: the oldest kept), at most `limit` (0: the server's 10,000)."""
+        request = admin_pb2.ExportFeedbackRequest(after=after, limit=limit)
+        return self._stub.ExportFeedback(request, timeout=None, metadata=self.metadata)
 
     # ---- users --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """`instructloop models ...`: list, inspect, promote and roll back model versions.
 
-    instructloop models list
-    instructloop models show v3
+    instructloop models list           # key metrics: RM acc, gate win rate, KL, feedback
+    instructloop models show v3        # every metric, gate measures, lineage
     instructloop models promote v3 --reason "wins 71% on held-out"
     instructloop models rollback [v1]
     instructloop models freeze --reason "incident 42" / unfreeze
@@ -22,7 +22,7 @@ from rich.table import Table
 
 from instructloop.v1 import admin_pb2
 
-from .admin import AdminClient, default_token
+from .admin import KEY_METRICS, AdminClient, default_token, key_metrics
 from .cli import _command, _print_json, connection_options
 from .sdk import default_target, tls_credentials
 
@@ -144,13 +144,17 @@ def _list(args, admin: AdminClient, console: Console) -> int:
         _print_json(reply)
         return 0
     table = Table(title="model versions", title_justify="left")
-    for col in ("version", "aliases", "kind", "parent", "created", "gate", "feedback", "metrics"):
+    for col in ("version", "aliases", "kind", "parent", "created", "gate"):
         table.add_column(col)
+    for label, _ in KEY_METRICS:
+        table.add_column(label, justify="right")
+    table.add_column("feedback", justify="right")
     for v in reply.versions:
         gate = "" if v.kind == "base" else ("passed" if v.gate.passed else "rejected")
-        metrics = "  ".join(f"{k}={val:.3g}" for k, val in sorted(v.metrics.items()))
-        table.add_row(v.id, ",".join(v.aliases), v.kind, v.parent, _when(v.created), gate,
-                      str(v.feedback_count), metrics)  # fmt: skip
+        key = key_metrics(v)
+        shown = ["-" if key[label] is None else f"{key[label]:.3f}" for label, _ in KEY_METRICS]
+        row = [v.id, ",".join(v.aliases), v.kind, v.parent, _when(v.created), gate]
+        table.add_row(*row, *shown, str(v.feedback_count))
     console.print(table)
     if reply.freeze.frozen:
         console.print(f"[yellow]automatic promotion frozen[/] by {reply.freeze.actor}: "
@@ -184,6 +188,10 @@ def _show(args, admin: AdminClient, console: Console) -> int:
         ("feedback", f"{len(detail.feedback_ids)} records"),
     ]  # fmt: skip
     rows += [(f"metric {k}", f"{v:.4g}") for k, v in sorted(info.metrics.items())]
+    rows += [(f"gate {k}", f"{v:.4g}") for k, v in sorted(info.gate.measures.items())]
+    if info.excluded_users:
+        users = ", ".join(info.excluded_users)
+        rows.append(("left out", f"{info.excluded_feedback} judgements of {users}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

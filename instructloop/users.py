@@ -109,6 +109,14 @@ class UserStore:
             raise UnknownUser(f"no user {user_id[:80]!r}")
         return admin_pb2.UserInfo.FromString(raw)
 
+    async def info(self, user_id: str) -> admin_pb2.UserInfo:
+        """A user with the learner's latest measures of its feedback (as list() gives)."""
+        info = await self.get(user_id)
+        quality = await self.redis.hget(self.keys.user_quality, user_id)
+        if quality is not None:
+            info.quality.ParseFromString(quality)
+        return info
+
     async def authenticate(self, token: str) -> Caller:
         """The caller a token belongs to, or AuthError (the message never holds the token)."""
         if not token:
