@@ -2,7 +2,8 @@
 
 Server side:  serve, init-model, learn; up (Redis + server + learner), simulate (users).
 Client side:  generate, feedback, model (instructloop.clients.cli);
-              models, users (instructloop.clients.models_cli, users_cli: admin).
+              models, users, export (instructloop.clients.models_cli, users_cli, export: admin);
+              web (instructloop.web: pages for labelers and operators).
 Heavy imports (vLLM, torch) happen inside the subcommand that needs them, so the client
 commands start fast.
 """
@@ -50,11 +51,12 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
-    from instructloop.clients import models_cli, users_cli
+    from instructloop.clients import export, models_cli, users_cli
     from instructloop.learner import cli as learner_cli
     from instructloop.loop import cli as loop_cli
     from instructloop.pretrain import PretrainConfig
     from instructloop.serve.config import ServerConfig
+    from instructloop.web import cli as web_cli
 
     parser = argparse.ArgumentParser(
         prog="instructloop",
@@ -94,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     models_cli.register(sub)
     users_cli.register(sub)
+    export.register(sub)
     learner_cli.register(sub)
     loop_cli.register(sub)
+    web_cli.register(sub)
     return parser
 
 
