@@ -9,7 +9,8 @@ DATA_DIR/models/base on first start, or pretrained there when the package has no
 `--serve-args "--model DIR"` serves another),
 Redis, the server (until it answers health checks: it registers v0), the local labeler
 "local" (its credential in DATA_DIR/user-token, which the client commands read), then the
-learner (a round needs `current`). Stop order on Ctrl-C or SIGTERM: the learner first
+learner (a round needs `current`), then the web app (`--web-port`, `instructloop web`).
+Stop order on Ctrl-C or SIGTERM: the web app, then the learner
 (it finishes or abandons its round consistently), then the server (in-flight calls
 finish), then Redis (it flushes its AOF). The children run in their own sessions, so the
 terminal's Ctrl-C reaches only this process and the order holds; they also get SIGTERM
@@ -19,6 +20,7 @@ directory resumes: versions, the learner's dataset and the Redis streams survive
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import signal
@@ -51,7 +53,7 @@ TINY_LEARNER_ARGS = (
     "--ppo-max-new-tokens 16 --ppo-max-prompt-length 32 --ppo-learning-rate 5e-5 "
     "--ppo-value-learning-rate 1e-4 --ppo-kl-beta 0.05 --ppo-ptx-coef 1.0"
 )
-STOP_TIMEOUT_S = {"learner": 180.0, "server": 60.0}
+STOP_TIMEOUT_S = {"learner": 180.0, "server": 60.0, "web": 15.0}
 # The local loop puts every logged prompt with n >= 2 in the labeling queue, so the local
 # labeler (`instructloop task next`) and `simulate --via-queue` have work at once; a
 # server's own default is 0. `--serve-args '--queue-share 0.1'` overrides it.
@@ -89,6 +91,13 @@ class UpConfig:
     )
     start_timeout_s: float = field(
         default=600.0, metadata={"help": "How long the server may take to start serving."}
+    )
+    web_port: int = field(
+        default=8080,
+        metadata={
+            "help": "Port of the web app (labeler page, playground, dashboard), started after "
+            "the learner on --host; 0 starts none."
+        },
     )
 
 
@@ -191,7 +200,7 @@ def run(cfg: UpConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    redis = server = learner = None
+    redis = server = learner = web = None
     code = 0
     try:
         redis = EmbeddedRedis(data / "redis").start()
@@ -219,20 +228,31 @@ def run(cfg: UpConfig) -> int:
                 ],
                 logs / "learner.log",
             )  # fmt: skip
+            web_url = f"http://{cfg.host}:{cfg.web_port}/" if cfg.web_port else "-"
+            if cfg.web_port and not importlib.util.find_spec("uvicorn"):
+                web_url = "- (not installed: pip install -e '.[web]')"
+            elif cfg.web_port:  # the pages over the gRPC API (instructloop web)
+                web_args = ["--target", target, "--host", cfg.host, "--port", str(cfg.web_port)]
+                web = _spawn(["web", *web_args], logs / "web.log")
             metrics = f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "-"
             print(
                 "instructloop is up\n"
                 f"  gRPC target   {target}    (INSTRUCTLOOP_TARGET={target})\n"
                 f"  metrics       {metrics}\n"
+                f"  web app       {web_url}    (sign in with a token below)\n"
                 f"  admin token   {data / 'admin-token'}\n"
                 f"  your token    {user_token}    (user 'local', labeler)\n"
                 f"  data dir      {data}\n"
                 f"  logs          {logs / 'server.log'}, {logs / 'learner.log'}\n"
                 f"  try           instructloop simulate --target {target} --data-dir {data}\n"
-                "Ctrl-C stops the learner, the server and Redis.",
+                "Ctrl-C stops the web app, the learner, the server and Redis.",
                 flush=True,
             )
         while not stop.is_set():
+            if web is not None and web.poll() is not None:  # the pages are optional
+                why = f"the web app exited with {web.returncode} (see {logs}/web.log)"
+                print(f"up: {why}; the loop goes on without it", file=sys.stderr, flush=True)
+                web = None
             for name, proc in (("server", server), ("learner", learner)):
                 if proc is not None and proc.poll() is not None:
                     print(
@@ -251,7 +271,7 @@ def run(cfg: UpConfig) -> int:
         # Later signals must not interrupt the ordered stop.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
-        for name, proc in (("learner", learner), ("server", server)):
+        for name, proc in (("web", web), ("learner", learner), ("server", server)):
             rc = _stop(name, proc)
             if rc not in (None, 0, -signal.SIGTERM) and code == 0:
                 print(f"up: the {name} stopped with exit code {rc}", file=sys.stderr)
