@@ -379,7 +379,11 @@ def test_labeler_ranks_with_the_keyboard(stack, browser):
     (digits and shortcut letters in it move nothing). Then "cannot rank" with a reason."""
     with Client(stack.server.target, token=_labeler(stack, "asker")) as asker:
         asked = asker.generate("sort: d b a c", n=4, max_tokens=8, temperature=1.0)
-        other = asker.generate("reverse: queue", n=2, max_tokens=8, temperature=1.0)
+        flagged = asker.generate("uppercase: flag", n=3, max_tokens=8, temperature=1.0)
+        other = asker.generate(
+            "**bold** <img src=x onerror=alert(1)> <script>alert(2)</script>",
+            n=2, max_tokens=8, temperature=1.0,
+        )  # fmt: skip
     a, b, c, d = (s.sample_id for s in sorted(asked.samples, key=lambda s: s.index))
     context, page = _page(browser)
     sign_in(page, stack, _labeler(stack, "lena"))
@@ -400,7 +404,7 @@ def test_labeler_ranks_with_the_keyboard(stack, browser):
     screenshot(page, "labeler.png")
     page.keyboard.press("Enter")
     # (the app's CSP forbids eval, so the test waits on selectors, not on JS predicates)
-    page.wait_for_selector(f'#task[data-prompt-id="{other.prompt_id}"]')
+    page.wait_for_selector(f'#task[data-prompt-id="{flagged.prompt_id}"]')
     mine = [f for f in stack.feedback() if f.feedback.user_id == "lena"]
     rankings = [f.feedback for f in mine if f.feedback.WhichOneof("kind") == "ranking"]
     demos = [f.feedback for f in mine if f.feedback.WhichOneof("kind") == "demonstration"]
@@ -409,7 +413,23 @@ def test_labeler_ranks_with_the_keyboard(stack, browser):
     assert len(demos) == 1 and demos[0].demonstration.text == "a b c d\n1 2 n m"
     assert page.inner_text("#p-judged") == "1"
 
-    page.keyboard.press("c")  # the second task: cannot rank, with a reason
+    # The second task: flag sample A (harmful or broken), B best, C second: a Rating whose
+    # lowest score marks the flag, the tiers above it.
+    fa, fb, fc = (s.sample_id for s in sorted(flagged.samples, key=lambda s: s.index))
+    for key in ("f", "j", "1", "2"):  # f: flag A; j: focus B; 1: B best; 2: C next
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f'#task[data-prompt-id="{other.prompt_id}"]')
+    mine = [f.feedback for f in stack.feedback() if f.feedback.user_id == "lena"]
+    (rated,) = [f for f in mine if f.prompt_id == flagged.prompt_id]
+    scores = {x.sample_id: x.score for x in rated.rating.scores}
+    assert scores[fa] == 1.0 and scores[fb] > scores[fc] > 1.0, scores
+
+    # The third prompt's markup is shown as text: no element a prompt wrote reaches the page.
+    assert page.locator("#prompt strong").count() == 1
+    assert page.locator("#prompt img, #prompt script").count() == 0
+    assert "<img src=x" in page.inner_text("#prompt")
+    page.keyboard.press("c")  # the third task: cannot rank, with a reason
     page.wait_for_selector("#skip-dialog[open]")
     page.keyboard.type("both samples are empty")
     page.keyboard.press("Enter")

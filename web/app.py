@@ -70,7 +70,7 @@ async def signin(request: Request) -> Response:
     actor = (name or "web") if who.user_id == ADMIN else who.user_id
     session = web.sessions.create(token, who.user_id, who.role, actor)
     target = str(form.get("next", ""))
-    if not target.startswith("/") or target.startswith("//"):
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
         target = HOME.get(who.role, "/playground")
     response = RedirectResponse(target, 303)
     response.set_cookie(
