@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from instructloop.cliargs import add_dataclass_arguments, dataclass_from_args
 
@@ -19,6 +20,12 @@ def _web(args: argparse.Namespace) -> int:
         return 1
 
     cfg = dataclass_from_args(WebConfig, args)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.secure_cookies:
+        print(
+            f"warning: serving plain HTTP on {cfg.host}: session cookies cross the network in "
+            "the clear; put the app behind HTTPS and pass --secure-cookies",
+            file=sys.stderr,
+        )
     print(f"instructloop web on http://{cfg.host}:{cfg.port}/ (gRPC {cfg.target})", flush=True)
     uvicorn.run(
         create_app(cfg),
