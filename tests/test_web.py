@@ -2,16 +2,20 @@
 app on uvicorn (in a thread, on an ephemeral port) and real chromium through Playwright.
 
 One server, one web app and one browser for the module. Screenshots of the dashboard and
-the labeler page go to docs/ (the README shows them).
+the labeler page go to $INSTRUCTLOOP_SCREENSHOTS when it is set (docs/ for the README:
+`INSTRUCTLOOP_SCREENSHOTS=docs python -m pytest tests/test_web.py`), else to a temporary
+directory, so a test run leaves the tree as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -22,9 +26,11 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 
 import grpc
+import playwright.sync_api as playwright_api
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
+import uvicorn
 from conftest import start_servers, stop_server
 
 from instructloop.clients import Client
@@ -35,18 +41,15 @@ from instructloop.registry import Registry, load_registry_key, publish_version
 from instructloop.store import ModelStore
 from instructloop.v1 import api_pb2, records_pb2
 from instructloop.variants import full_variant
+from instructloop.web.app import create_app
+from instructloop.web.config import WebConfig
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-uvicorn = pytest.importorskip("uvicorn")
+# Debian's chromium (`apt-get install chromium`, as .ci/run does); a missing browser fails
+# these tests, it never skips them.
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
-
-from instructloop.web.app import create_app  # noqa: E402 - after the skips
-from instructloop.web.config import WebConfig  # noqa: E402
 
 PREFIX = "web"
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+SHOTS = Path(os.environ.get("INSTRUCTLOOP_SCREENSHOTS") or tempfile.mkdtemp(prefix="web-shots-"))
 VIEWPORT = {"width": 1000, "height": 700}
 # Metrics of the two published versions, as a learner round would write them.
 METRICS = {
@@ -149,6 +152,8 @@ def stack(tiny_model, redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"no {CHROMIUM}: install Debian's chromium (apt-get install chromium)")
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         yield b
@@ -175,10 +180,10 @@ def screenshot(page, name: str) -> None:
 
     from PIL import Image
 
-    DOCS.mkdir(exist_ok=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
     page.evaluate("window.scrollTo(0, 0)")
     png = Image.open(BytesIO(page.screenshot(full_page=False))).convert("RGB")
-    png.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(DOCS / name, optimize=True)
+    png.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(SHOTS / name, optimize=True)
 
 
 # ---- plain HTTP, as a script (or another site) would send it -------------------------------
