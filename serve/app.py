@@ -90,7 +90,8 @@ def admin_token(cfg: ServerConfig) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+            # hex: a token that starts with '-' would read as an option on a command line
+            f.write(secrets.token_hex(32) + "\n")
         log.info("created an admin token", extra={"path": str(path)})
     return path.read_text().strip()
 

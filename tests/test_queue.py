@@ -270,7 +270,7 @@ def test_simulate_via_queue_ranks_only_what_the_queue_hands_out(queue_server, db
     """Simulated apps ask, simulated labelers rank only what NextTask hands them."""
     code = instructloop_main([
         "simulate", "--via-queue", "--target", queue_server.target,
-        "--data-dir", str(tmp_path), "--admin-token", queue_server.admin_token,
+        "--data-dir", str(tmp_path), f"--admin-token={queue_server.admin_token}",
         "--seed", "41", "--users", "3", "--apps", "2", "--concurrency", "2", "--k", "4",
         "--max-comparisons", "6", "--rate", "0", "--settle-s", "0", "--eval-prompts", "4",
         "--target-win-rate", "0", "--target-exact-match", "0", "--max-minutes", "3",

@@ -318,7 +318,7 @@ def test_operator_rolls_back_from_the_dashboard(stack, browser, tmp_path):
     stack.wait_serving("v2")
     listed = subprocess.run(
         [sys.executable, "-m", "instructloop.cli", "models", "list", "--target",
-         stack.server.target, "--admin-token", stack.admin_token],
+         stack.server.target, f"--admin-token={stack.admin_token}"],
         capture_output=True, text=True, timeout=60, env={"COLUMNS": "160", "PATH": ""},
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
@@ -485,7 +485,7 @@ def test_playground_streams_then_ranks(stack, browser):
     assert set(line["sample_versions"].values()) == {"v2"} and line["version"] == "v2"
     exported = subprocess.run(
         [sys.executable, "-m", "instructloop.cli", "export", "--target", stack.server.target,
-         "--admin-token", stack.admin_token, "--after", lines[0]["entry_id"]],
+         f"--admin-token={stack.admin_token}", "--after", lines[0]["entry_id"]],
         capture_output=True, text=True, timeout=60, env={"PATH": ""},
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr
