@@ -11,16 +11,14 @@ $INSTRUCTLOOP_ADMIN_TOKEN, or the server's DATA_DIR/admin-token file.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Self
 
 import grpc
 
 from instructloop.v1 import admin_pb2, admin_pb2_grpc
 
-from .sdk import default_target, tls_credentials
+from .sdk import credential, default_target, tls_credentials
 
 # The few measures an operator reads first, as (label, metrics key): the round's reward
 # model on held-out users' comparisons, the gate's RM-estimated win rate against the
@@ -41,11 +39,7 @@ def key_metrics(info: admin_pb2.VersionInfo) -> dict[str, float | None]:
 
 def default_token(data_dir: str | None = None) -> str:
     """$INSTRUCTLOOP_ADMIN_TOKEN, else DATA_DIR/admin-token ($INSTRUCTLOOP_DATA_DIR or ./data)."""
-    token = os.environ.get("INSTRUCTLOOP_ADMIN_TOKEN", "")
-    if token:
-        return token
-    path = Path(data_dir or os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")) / "admin-token"
-    return path.read_text().strip() if path.exists() else ""
+    return credential("INSTRUCTLOOP_ADMIN_TOKEN", "admin-token", data_dir)
 
 
 class AdminClient:

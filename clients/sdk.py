@@ -57,14 +57,19 @@ def default_target() -> str:
     return os.environ.get("INSTRUCTLOOP_TARGET") or DEFAULT_TARGET
 
 
-def default_user_token(data_dir: str | None = None) -> str:
-    """The caller's credential: $INSTRUCTLOOP_TOKEN, else the file DATA_DIR/user-token
-    ($INSTRUCTLOOP_DATA_DIR or ./data; `instructloop up` writes it), else ""."""
-    token = os.environ.get("INSTRUCTLOOP_TOKEN", "")
+def credential(env: str, filename: str, data_dir: str | None = None) -> str:
+    """$env, else the file DATA_DIR/filename ($INSTRUCTLOOP_DATA_DIR or ./data), else ""."""
+    token = os.environ.get(env, "")
     if token:
         return token
-    path = Path(data_dir or os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")) / "user-token"
+    path = Path(data_dir or os.environ.get("INSTRUCTLOOP_DATA_DIR", "./data")) / filename
     return path.read_text().strip() if path.is_file() else ""
+
+
+def default_user_token(data_dir: str | None = None) -> str:
+    """The caller's credential: $INSTRUCTLOOP_TOKEN, else the file DATA_DIR/user-token
+    (`instructloop up` writes it), else ""."""
+    return credential("INSTRUCTLOOP_TOKEN", "user-token", data_dir)
 
 
 def tls_credentials(ca_file: str | None = None) -> grpc.ChannelCredentials | None:
