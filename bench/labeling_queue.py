@@ -17,27 +17,21 @@ Comparisons/s is comparisons divided by the wall time of the phase. Reported: th
 medians over the repeats, and queue/direct as the ratio of medians and as the median
 (min-max) of the per-repeat ratios; per-call latency p50 of NextTask and SubmitFeedback.
 
-    python bench/queue.py          # prints a table, writes bench/results/queue.json
+    python bench/labeling_queue.py   # a table; writes bench/results/labeling_queue.json
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path, and this file (named like
-# the standard library's queue module) would shadow that module for every import below.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
@@ -208,8 +202,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--out",
-        default=str(ROOT / "bench/results/queue.json"),
-        help="JSON result path (default: bench/results/queue.json)",
+        default=str(ROOT / "bench/results/labeling_queue.json"),
+        help="JSON result path (default: bench/results/labeling_queue.json)",
     )
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
