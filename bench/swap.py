@@ -6,9 +6,16 @@ In one run, on the default tiny model (or --model):
      swaps: the time from the promote call (the registry event) to the first response
      that names the new version, requests failed, and request latency p50/p99 in the
      second after each promote against steady state;
-  2. the bare vLLM calls the server's swap is built on, in-process on the same model:
+  2. the swap path split into its parts, from the server's own
+     instructloop_swap_phase_seconds (read before and after each swap): event (promote ->
+     registry event received), verify (signature, checksums), drain (full: in-flight
+     requests finish), load (full: pause + reload_weights + resume; LoRA: add_lora);
+     "after" is what remains of promote -> first new response: the first request's time;
+  3. the bare vLLM calls the server's swap is built on, in-process on the same model:
      pause + reload_weights + resume (full), and add_lora (LoRA);
-and reports swap latency against the bare call as a ratio.
+and reports the swap path (event + verify + load: the drain is the time in-flight requests
+take to finish, request time) and promote -> first new response against the bare call, as
+ratios.
 
     python bench/swap.py                 # prints a table, writes bench/results/swap.json
 """
@@ -91,6 +98,22 @@ class Load:
         return [end - start for start, end, _, e in rows if not e], sum(1 for r in rows if r[3])
 
 
+PHASES = ("event", "verify", "drain", "load")
+
+
+def phase_sums(metrics_url: str) -> dict[str, float]:
+    """instructloop_swap_phase_seconds_sum of each phase, from the server's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    sums = dict.fromkeys(PHASES, 0.0)
+    for line in text.splitlines():
+        if line.startswith("instructloop_swap_phase_seconds_sum{"):
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            sums[phase] = float(line.rsplit(" ", 1)[1])
+    return sums
+
+
 def publish(redis_url: str, store_dir: Path, src: Path, kind: str, base: str) -> str:
     """Publish as the learner does, signed with the server's registry key (its data dir's)."""
     import redis.asyncio as aioredis
@@ -149,16 +172,23 @@ def measure_server(args, model: Path, work: Path, variants: dict) -> dict:
                 time.sleep(1.0)
                 for i in range(args.repeats):
                     target = ids[mode][i % len(ids[mode])]
+                    before = phase_sums(server.metrics_url)
                     t0 = time.perf_counter()
                     admin.promote(target, reason="bench")
                     latency = load.first_response_of(target, t0)
                     time.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
                     lat, failed = load.window(t0, t0 + 1.0)
+                    after = phase_sums(server.metrics_url)
+                    phases = {p: after[p] - before[p] for p in PHASES}
+                    path = sum(v for p, v in phases.items() if p != "drain")
                     result["swaps"].append({"mode": mode, "version": target, "swap_s": latency,
+                                            "phases_s": phases, "path_s": path,
                                             "failed": failed, "p50_ms": 1e3 * _pct(lat, 0.5),
                                             "p99_ms": 1e3 * _pct(lat, 0.99)})  # fmt: skip
                     print(f"  {mode:4} -> {target}: first response {1e3 * latency:.0f} ms, "
-                          f"{failed} failed", flush=True)  # fmt: skip
+                          f"swap path {1e3 * path:.0f} ms without the drain ("
+                          + ", ".join(f"{p} {1e3 * v:.1f}" for p, v in phases.items())
+                          + f"), {failed} failed", flush=True)  # fmt: skip
                     if mode == "full":
                         admin.promote("v0")
                         time.sleep(0.5)
@@ -239,22 +269,31 @@ def main() -> int:
     bare = asyncio.run(measure_bare(args, model, variants))
 
     table = Table(title=f"swap latency (concurrency {args.concurrency}, {args.repeats} swaps/mode)")
-    for col in ("mode", "promote -> first new response p50", "bare vLLM call p50", "ratio",
-                "failed", "p99 during swap", "p99 steady"):  # fmt: skip
+    for col in ("mode", *PHASES, "swap path (no drain)", "bare vLLM call", "path / bare", "after",
+                "promote -> first new response", "first / bare", "failed",
+                "p99 during swap", "p99 steady"):  # fmt: skip
         table.add_column(col, justify="right")
     summary = {}
     for mode in ("full", "lora"):
         rows = [s for s in served["swaps"] if s["mode"] == mode]
         swap_p50 = statistics.median(s["swap_s"] for s in rows)
+        path_p50 = statistics.median(s["path_s"] for s in rows)
+        phases = {p: statistics.median(s["phases_s"][p] for s in rows) for p in PHASES}
+        after_p50 = statistics.median(s["swap_s"] - s["path_s"] for s in rows)
         bare_p50 = statistics.median(bare[mode])
         p99_swap = statistics.median(s["p99_ms"] for s in rows)
         summary[mode] = {"swap_p50_s": swap_p50, "bare_p50_s": bare_p50,
-                         "ratio": swap_p50 / bare_p50, "failed": sum(s["failed"] for s in rows),
+                         "ratio": swap_p50 / bare_p50, "path_p50_s": path_p50,
+                         "path_ratio": path_p50 / bare_p50, "phases_p50_s": phases,
+                         "after_p50_s": after_p50, "failed": sum(s["failed"] for s in rows),
                          "p99_during_swap_ms": p99_swap}  # fmt: skip
-        table.add_row(mode, f"{1e3 * swap_p50:.0f} ms", f"{1e3 * bare_p50:.0f} ms",
-                      f"{swap_p50 / bare_p50:.1f}x", str(summary[mode]["failed"]),
-                      f"{p99_swap:.0f} ms", f"{served['steady']['p99_ms']:.0f} ms")  # fmt: skip
-    Console().print(table)
+        table.add_row(mode, *(f"{1e3 * phases[p]:.1f} ms" for p in PHASES),
+                      f"{1e3 * path_p50:.0f} ms", f"{1e3 * bare_p50:.0f} ms",
+                      f"{path_p50 / bare_p50:.2f}x", f"{1e3 * after_p50:.0f} ms",
+                      f"{1e3 * swap_p50:.0f} ms", f"{swap_p50 / bare_p50:.1f}x",
+                      str(summary[mode]["failed"]), f"{p99_swap:.0f} ms",
+                      f"{served['steady']['p99_ms']:.0f} ms")  # fmt: skip
+    Console(width=240).print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

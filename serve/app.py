@@ -151,6 +151,8 @@ async def serve(cfg: ServerConfig) -> None:
         timeout_s=cfg.redis_timeout_s,
         max_connections=cfg.redis_max_connections,
         breaker_cooldown_s=cfg.redis_breaker_cooldown_s,
+        prompt_cache_size=cfg.prompt_cache_size,
+        max_batch=cfg.redis_max_batch,
     )
     try:
         for warning in await store.check_settings():

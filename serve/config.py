@@ -193,6 +193,20 @@ class ServerConfig:
             "--redis-timeout-s) for a free one."
         },
     )
+    redis_max_batch: int = field(
+        default=256,
+        metadata={
+            "help": "Group commit: the feedback (or prompt logs) of concurrent calls go to "
+            "Redis in one pipeline of at most this many, so one fsync covers them all."
+        },
+    )
+    prompt_cache_size: int = field(
+        default=4096,
+        metadata={
+            "help": "Prompts this replica remembers after logging them (each until "
+            "--prompt-ttl-s), so feedback on them needs no Redis read (0: none)."
+        },
+    )
     redis_prefix: str = field(
         default="instructloop", metadata={"help": "Prefix of every Redis key this deployment uses."}
     )

@@ -123,9 +123,10 @@ class Engine(abc.ABC):
         """Raise EngineError when the engine cannot serve."""
 
     @abc.abstractmethod
-    async def swap_full(self, weights_dir: str, version: str) -> None:
+    async def swap_full(self, weights_dir: str, version: str) -> dict[str, float]:
         """Replace the full weights in place: new requests wait, in-flight ones finish on
-        the old weights, then the reload, then the new version serves."""
+        the old weights, then the reload, then the new version serves. Returns the
+        seconds of its parts: {"drain": ..., "load": ...}."""
 
     @abc.abstractmethod
     async def load_adapter(self, adapter_dir: str, version: str) -> None:
@@ -345,7 +346,8 @@ class VllmEngine(Engine):
 
     # ---- versions ---------------------------------------------------------------------
 
-    async def swap_full(self, weights_dir: str, version: str) -> None:
+    async def swap_full(self, weights_dir: str, version: str) -> dict[str, float]:
+        t0 = time.perf_counter()
         async with self._gate:
             await self._gate.wait_for(lambda: not self._swapping)
             self._swapping = True  # from here new requests wait
@@ -355,6 +357,7 @@ class VllmEngine(Engine):
                 self._swapping = False
                 self._gate.notify_all()
                 raise
+        t1 = time.perf_counter()
         try:
             await self._llm.pause_generation(mode="wait")
             try:
@@ -370,6 +373,7 @@ class VllmEngine(Engine):
             async with self._gate:
                 self._swapping = False
                 self._gate.notify_all()
+        return {"drain": t1 - t0, "load": time.perf_counter() - t1}
 
     async def _drain(self, version: str) -> None:
         """Wait (holding the gate's lock between waits) until no lease is held: at most

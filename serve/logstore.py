@@ -13,6 +13,18 @@ the judge's lease on the prompt's labeling-queue item (queue.CLOSE_TASK_LUA), so
 is closed if and only if its comparison is stored. The script's reply comes
 only after Redis has applied (and, with appendfsync always, persisted) the write.
 
+Group commit: the feedback scripts of concurrent SubmitFeedback calls, and the MULTIs of
+concurrent prompt logs, go to Redis together: one flusher per kind sends what has queued
+up while the previous round trip was out, in one pipeline, so one `appendfsync always`
+fsync covers them all. Each caller still gets its own reply, and only after Redis has
+applied and persisted its write; a pipeline that fails fails every caller in it
+(Unavailable), as a single call would. A batch holds at most `max_batch` calls.
+
+A replica remembers the prompts it logged (at most `prompt_cache_size`, each until its
+TTL): feedback on them is validated without reading the record back from Redis. The
+feedback script still checks that the prompt exists, so an expired prompt is refused
+either way.
+
 Every call has a deadline (`timeout_s`): a Redis that accepts connections but does not
 answer (SIGSTOP, an fsync stall, a long script, a blackholed path) costs a caller at most
 that long, then Unavailable; Generate answers with logged=false. After five timeouts in
@@ -29,7 +41,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +51,7 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from instructloop.keys import DATA_FIELD, Keys
@@ -117,6 +130,75 @@ class CircuitBreaker:
             self.open_until = time.monotonic() + self.cooldown_s
 
 
+class GroupCommit:
+    """Calls that arrive while a round trip is out go to Redis together in the next one.
+
+    `send(items)` makes one round trip for a batch and returns one result per item (an
+    Exception instance fails that item alone); an exception it raises fails the batch.
+    """
+
+    def __init__(self, send: Callable[[list], Awaitable[list]], max_batch: int = 256):
+        self.send, self.max_batch = send, max_batch
+        self._waiting: list[tuple[object, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def submit(self, item: object):
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self.max_batch]
+            del self._waiting[: self.max_batch]
+            batch = [(i, f) for i, f in batch if not f.done()]  # a caller that gave up
+            if not batch:
+                continue
+            try:
+                results = await self.send([item for item, _ in batch])
+            except BaseException as e:  # noqa: BLE001 - every caller gets it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
+class PromptCache:
+    """The prompt records this replica logged, newest last: at most `size`, each until
+    its TTL."""
+
+    def __init__(self, size: int, ttl_s: float):
+        self.size, self.ttl_s = size, ttl_s
+        self._records: OrderedDict[str, tuple[float, records_pb2.PromptRecord]] = OrderedDict()
+
+    def put(self, record: records_pb2.PromptRecord) -> None:
+        if self.size <= 0:
+            return
+        self._records[record.prompt_id] = (time.monotonic() + self.ttl_s, record)
+        while len(self._records) > self.size:
+            self._records.popitem(last=False)
+
+    def get(self, prompt_id: str) -> records_pb2.PromptRecord | None:
+        hit = self._records.get(prompt_id)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._records[prompt_id]
+            return None
+        return hit[1]
+
+
 class RedisSettingsError(Exception):
     """The Redis is configured in a way that breaks a guarantee of the service."""
 
@@ -155,6 +237,8 @@ class LogStore:
         timeout_s: float = 2.0,
         max_connections: int = 64,
         breaker_cooldown_s: float = 2.0,
+        prompt_cache_size: int = 4096,
+        max_batch: int = 256,
     ):
         self.keys = keys
         self.breaker = CircuitBreaker(cooldown_s=breaker_cooldown_s)
@@ -172,6 +256,9 @@ class LogStore:
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
+        self._feedback = GroupCommit(self._send_feedback, max_batch)
+        self._prompts = GroupCommit(self._send_prompts, max_batch)
+        self.cache = PromptCache(prompt_cache_size, prompt_ttl_s)
         # The labeling queue, when the server runs one (app.py sets it): log_prompt
         # enqueues the prompts it wants in the log's own MULTI.
         self.queue: LabelingQueue | None = None
@@ -231,18 +318,27 @@ class LogStore:
             await self.redis.ping()
 
     async def log_prompt(self, record: records_pb2.PromptRecord) -> None:
-        data = record.SerializeToString()
-        async with (
-            self.call("could not log the prompt to Redis"),
-            self.redis.pipeline(transaction=True) as pipe,
-        ):
-            pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
-            pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
-            if self.queue is not None and self.queue.wants(record):
-                await self.queue.enqueue(pipe, record)
+        """Append the record to the prompts stream and store it under its id, in one MULTI
+        (with the prompts of other calls in flight: group commit)."""
+        async with self.call("could not log the prompt to Redis"):
+            await self._prompts.submit(record)
+        self.cache.put(record)
+
+    async def _send_prompts(self, records: list[records_pb2.PromptRecord]) -> list[None]:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for record in records:
+                data = record.SerializeToString()
+                pipe.xadd(self.keys.prompts_stream, {DATA_FIELD: data})
+                pipe.set(self.keys.prompt(record.prompt_id), data, ex=self.prompt_ttl_s)
+                if self.queue is not None and self.queue.wants(record):
+                    await self.queue.enqueue(pipe, record)
             await pipe.execute()
+        return [None] * len(records)
 
     async def get_prompt(self, prompt_id: str) -> records_pb2.PromptRecord:
+        cached = self.cache.get(prompt_id)
+        if cached is not None:
+            return cached
         async with self.call("Redis is unreachable"):
             data = await self.redis.get(self.keys.prompt(prompt_id))
         if data is None:
@@ -279,7 +375,7 @@ class LogStore:
             req.prompt_id,
         ]
         async with self.call("could not store feedback in Redis"):
-            status, fid, task = await self._submit(keys=keys, args=args)
+            status, fid, task = await self._feedback.submit((keys, args))
         status, fid = status.decode(), fid.decode()
         if status == "ok":
             return FeedbackResult(fid, duplicate=False, task=task.decode())
@@ -296,6 +392,30 @@ class LogStore:
             f"idempotency key {req.idempotency_key!r} was already used by user "
             f"{req.user_id!r} for different feedback ({fid}); use a new key"
         )
+
+    async def _send_feedback(self, calls: list[tuple[list, list]]) -> list:
+        """The feedback scripts of a batch, in one pipeline of EVALSHAs (each script stays
+        atomic). A Redis that does not have the script (restarted, flushed) answers those
+        calls NOSCRIPT, having run nothing: the script is loaded and they are sent again."""
+        results: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(self._submit.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                else:
+                    results[i] = reply
+            if not missing:
+                break
+            await self.redis.script_load(_SUBMIT_FEEDBACK)
+            todo = missing
+        return results
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)

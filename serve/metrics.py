@@ -11,6 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SWAP_PHASE_BUCKETS = (0.001, 0.0025, 0.005, *LATENCY_BUCKETS)
 
 
 class Metrics:
@@ -70,6 +71,13 @@ class Metrics:
         self.swaps = Counter(
             "instructloop_swaps", "Version swaps by mode and result (ok, refused).",
             ["mode", "result"], registry=r,
+        )  # fmt: skip
+        self.swap_phase_seconds = Histogram(
+            "instructloop_swap_phase_seconds",
+            "Parts of a version swap: event (age of a registry event when it arrives), "
+            "verify (signature and checksums), drain (full swaps: in-flight requests "
+            "finish), load (full: pause + reload_weights + resume; LoRA: add_lora).",
+            ["phase"], buckets=SWAP_PHASE_BUCKETS, registry=r,
         )  # fmt: skip
         self.swap_seconds = Histogram(
             "instructloop_swap_seconds", "Verify + load time of a version swap, by kind.",

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from instructloop.registry import CURRENT, Registry, RegistryError
 from instructloop.store import ModelStore, VersionError
-from instructloop.v1 import admin_pb2
+from instructloop.v1 import admin_pb2, records_pb2
 
 from .engine import Engine, EngineError, VersionNotLoaded
 from .metrics import Metrics
@@ -100,11 +100,21 @@ class VersionFollower:
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._wake.set()
+                            self._observe_event(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("registry events unavailable (%s); polling meanwhile", e)
                 await asyncio.sleep(self.poll_interval_s)
+
+    def _observe_event(self, data: bytes) -> None:
+        """The age of a registry event on arrival: the swap's first part."""
+        event = records_pb2.RegistryEvent()
+        with contextlib.suppress(Exception):  # an event we cannot read still wakes us
+            event.ParseFromString(data)
+            if event.HasField("at"):
+                age = time.time() - event.at.ToNanoseconds() / 1e9
+                self.metrics.swap_phase_seconds.labels("event").observe(max(0.0, age))
 
     async def _poll(self) -> None:
         while True:
@@ -194,11 +204,16 @@ class VersionFollower:
             self._served(version, info.kind, started)
             return
         path = await self._checked_dir(info)
+        phases = {"verify": time.perf_counter() - started}
         if info.kind == "lora":
+            loaded = time.perf_counter()
             await self._load_adapter(info, path)
             await self.engine.set_current(version)
+            phases["load"] = time.perf_counter() - loaded
         else:
-            await self.engine.swap_full(path, version)
+            phases.update(await self.engine.swap_full(path, version))
+        for phase, seconds in phases.items():
+            self.metrics.swap_phase_seconds.labels(phase).observe(seconds)
         self._served(version, info.kind, started)
 
     def _served(self, version: str, kind: str, started: float) -> None:
