@@ -9,11 +9,15 @@ In one run, on the default tiny model (or --model):
      stored, none refused as a second judgement), as fast as the server acknowledges them;
   3. the floor, in the same repeat: the same number of records of the same size, XADDed by
      one redis-py client in pipelines of --floor-batch, to a stream of the same Redis;
-  4. lost: every feedback id the server acknowledged is looked for in the feedback stream.
+  4. the ceiling of the RPC itself, in the same repeat: the same load against a grpc.aio
+     server (a subprocess) whose SubmitFeedback answers at once, touching nothing;
+  5. lost: every feedback id the server acknowledged is looked for in the feedback stream.
 
-Reported: feedback/s (median over repeats, min-max), ingest / floor as the ratio of the
-medians and the median (min-max) of the per-repeat ratios, SubmitFeedback latency p50/p99
-as the clients saw it, and lost (acknowledged but not in the stream; must be 0).
+Reported: feedback/s (median over repeats, min-max), ingest / floor and ingest / ceiling
+as the ratio of the medians and the median (min-max) of the per-repeat ratios,
+SubmitFeedback latency p50/p99 as the clients saw it, and lost (acknowledged but not in
+the stream; must be 0). `--serve-args "--redis-max-batch 1 --prompt-cache-size 0"` runs
+the server without group commit and without its prompt cache.
 
     python bench/ingest.py          # prints a table, writes bench/results/ingest.json
 """
@@ -115,6 +119,47 @@ def run_load(target: str, work: list, procs: int, concurrency: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- the ceiling
+
+
+def _bare_server(port: int, ready) -> None:
+    """A gRPC server whose SubmitFeedback answers at once: the RPC's own cost."""
+    import grpc
+
+    from instructloop.v1 import api_pb2, api_pb2_grpc
+
+    class Bare(api_pb2_grpc.InstructLoopServicer):
+        async def SubmitFeedback(self, request, context):
+            return api_pb2.SubmitFeedbackResponse(feedback_id="f")
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        api_pb2_grpc.add_InstructLoopServicer_to_server(Bare(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class BareServer:
+    def __enter__(self) -> str:
+        from instructloop.redis_embedded import free_port
+
+        ctx = mp.get_context("spawn")
+        port, ready = free_port(), ctx.Event()
+        self.proc = ctx.Process(target=_bare_server, args=(port, ready), daemon=True)
+        self.proc.start()
+        if not ready.wait(60):
+            raise RuntimeError("the bare gRPC server did not start")
+        return f"127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.join()
+
+
 # ---------------------------------------------------------------------------- the floor
 
 
@@ -191,11 +236,15 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
             for u in range(users_per_prompt)
             for pid, samples in prompts
         ][: args.feedback]
-        order = ("ingest", "floor") if rep % 2 == 0 else ("floor", "ingest")
+        order = ("ingest", "floor", "ceiling")[:: 1 if rep % 2 == 0 else -1]
         run: dict = {"repeat": rep}
         for what in order:
             if what == "ingest":
                 run["ingest"] = run_load(target, work, args.procs, args.concurrency)
+            elif what == "ceiling":
+                with BareServer() as bare:
+                    ceiling = run_load(bare, work, args.procs, args.concurrency)
+                run["ceiling"] = {k: ceiling[k] for k in ("seconds", "per_s", "p50_ms", "p99_ms")}
             else:
                 _, largest = stored_ids(redis_url, keys.feedback_stream)
                 record = os.urandom(max(largest, 64))  # a record of the stored records' size
@@ -210,11 +259,13 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
         ingest["errors"] = len(ingest["errors"])
         seen |= acked
         run["ratio"] = ingest["per_s"] / run["floor"]["per_s"]
+        run["ceiling_ratio"] = ingest["per_s"] / run["ceiling"]["per_s"]
         print(
             f"  repeat {rep}{' (warmup)' if rep == 0 else ''}: ingest {ingest['per_s']:,.0f}/s "
             f"(p50 {ingest['p50_ms']:.1f} ms, p99 {ingest['p99_ms']:.1f} ms, errors "
-            f"{ingest['errors']}, lost {ingest['lost']}), floor {run['floor']['per_s']:,.0f}/s, "
-            f"ratio {run['ratio']:.2f}",
+            f"{ingest['errors']}, lost {ingest['lost']}), floor {run['floor']['per_s']:,.0f}/s "
+            f"(ratio {run['ratio']:.3f}), ceiling {run['ceiling']['per_s']:,.0f}/s (ratio "
+            f"{run['ceiling_ratio']:.2f})",
             flush=True,
         )
         if rep:
@@ -223,23 +274,26 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    def stat(part: str, key: str) -> dict:
-        values = [r[part][key] for r in runs]
+    def spread(*path: str) -> dict:
+        values = []
+        for r in runs:
+            for key in path:
+                r = r[key]
+            values.append(r)
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    ratios = [r["ratio"] for r in runs]
-    ingest, floor = stat("ingest", "per_s"), stat("floor", "per_s")
+    ingest, floor = spread("ingest", "per_s"), spread("floor", "per_s")
+    ceiling = spread("ceiling", "per_s")
     return {
         "ingest_per_s": ingest,
         "floor_per_s": floor,
+        "ceiling_per_s": ceiling,
         "ratio_of_medians": ingest["median"] / floor["median"],
-        "ratio_per_repeat": {
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-        },
-        "p50_ms": stat("ingest", "p50_ms"),
-        "p99_ms": stat("ingest", "p99_ms"),
+        "ratio_per_repeat": spread("ratio"),
+        "ceiling_ratio_of_medians": ingest["median"] / ceiling["median"],
+        "ceiling_ratio_per_repeat": spread("ceiling_ratio"),
+        "p50_ms": spread("ingest", "p50_ms"),
+        "p99_ms": spread("ingest", "p99_ms"),
         "acked": sum(r["ingest"]["acked"] for r in runs),
         "lost": sum(r["ingest"]["lost"] for r in runs),
         "errors": sum(r["ingest"]["errors"] for r in runs),
@@ -250,7 +304,7 @@ def print_table(s: dict, args) -> None:
     def mm(d: dict, fmt: str = ",.0f") -> str:
         return f"{d['median']:{fmt}} ({d['min']:{fmt}}-{d['max']:{fmt}})"
 
-    r = s["ratio_per_repeat"]
+    r, c = s["ratio_per_repeat"], s["ceiling_ratio_per_repeat"]
     print(
         f"\n{args.feedback} rankings per repeat, {args.procs} load processes x "
         f"{args.concurrency} in flight, {args.repeats} repeats; medians (min-max)\n"
@@ -262,9 +316,14 @@ def print_table(s: dict, args) -> None:
         f"{mm(s['p50_ms'], '.1f')} ms | {mm(s['p99_ms'], '.1f')} ms |"
     )
     print(f"| raw redis-py XADD, pipelines of {args.floor_batch} | {mm(s['floor_per_s'])} | | |")
+    print(f"| gRPC server doing nothing (ceiling) | {mm(s['ceiling_per_s'])} | | |")
     print(
-        f"| ingest / floor | {s['ratio_of_medians']:.2f}; per repeat {r['median']:.2f} "
-        f"({r['min']:.2f}-{r['max']:.2f}) | | |"
+        f"| ingest / floor | {s['ratio_of_medians']:.3f}; per repeat {r['median']:.3f} "
+        f"({r['min']:.3f}-{r['max']:.3f}) | | |"
+    )
+    print(
+        f"| ingest / ceiling | {s['ceiling_ratio_of_medians']:.2f}; per repeat {c['median']:.2f} "
+        f"({c['min']:.2f}-{c['max']:.2f}) | | |"
     )
     print(f"\nacknowledged {s['acked']:,}, lost {s['lost']}, errors {s['errors']}")
 

@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=5, help="Runs per level; medians are reported.")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="Streamed replies (GenerateStream; stream=true for vLLM's server; DELTA "
+        "outputs in process): also time to first token and inter-token latency.",
+    )
+    p.add_argument(
+        "--grpc-serve-args",
+        default="",
+        help="Extra options for our server, e.g. '--redis-max-batch 1 --prompt-cache-size 0' "
+        "(no group commit, no prompt cache).",
+    )
+    p.add_argument(
         "--warmup", type=int, default=16, help="Warmup requests per system (at concurrency 8)."
     )
     p.add_argument("--n", type=int, default=4, help="Samples per request.")
@@ -218,12 +230,25 @@ async def run_level(system: System, concurrency: int, requests: int) -> dict:
             tokens += got
 
     own = os.getpid()
+    streamed = len(system.streams) if system.streams is not None else None
     cpu0 = cpu_seconds(system.frontend_pid), cpu_seconds(own)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     frontend_cpu = cpu_seconds(system.frontend_pid) - cpu0[0]
     client_cpu = cpu_seconds(own) - cpu0[1] if system.frontend_pid != own else 0.0
+    stream_stats = {}
+    if streamed is not None:
+        clocks = system.streams[streamed:]
+        del system.streams[streamed:]
+        ttft = [c.ttft for c in clocks if c.ttft is not None]
+        gaps = [g for c in clocks for g in c.gaps]
+        stream_stats = {
+            "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+            "ttft_p99_ms": percentile(ttft, 99) * 1e3,
+            "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else float("nan"),
+            "itl_p99_ms": percentile(gaps, 99) * 1e3 if gaps else float("nan"),
+        }
     return {
         "concurrency": concurrency,
         "requests": requests,
@@ -235,6 +260,7 @@ async def run_level(system: System, concurrency: int, requests: int) -> dict:
         "frontend_cpu_ms_per_request": frontend_cpu / requests * 1e3,
         "client_cpu_ms_per_request": client_cpu / requests * 1e3,
         "latencies_ms": [round(x * 1e3, 2) for x in latencies],
+        **stream_stats,
     }
 
 
@@ -248,8 +274,13 @@ def summarize(runs: dict[int, list[dict]]) -> dict[int, dict]:
     keys = (
         "tokens_per_s", "p50_ms", "p99_ms", "wall_s", "tokens",
         "frontend_cpu_ms_per_request", "client_cpu_ms_per_request",
+        "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
     )  # fmt: skip
-    return {c: {k: statistics.median(run[k] for run in rs) for k in keys} for c, rs in runs.items()}
+    return {
+        c: {k: statistics.median(run[k] for run in rs) for k in keys if k in rs[0]}
+        for c, rs in runs.items()
+        if rs
+    }
 
 
 async def measure(calls: dict[str, System], args: argparse.Namespace, console) -> dict:
@@ -370,9 +401,13 @@ def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -
     table.add_column("p99 ms", justify="right")
     table.add_column("front-end CPU ms/req", justify="right")
     table.add_column("client CPU ms/req", justify="right")
+    stream_cols = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms") if args.stream else ()
+    for col in stream_cols:
+        table.add_column(col.replace("_ms", " ms").replace("_", " "), justify="right")
     for name, res in results.items():
         if "error" in res:
-            table.add_row(name, "-", "-", f"[red]failed: {res['error'][:60]}", "", "", "", "")
+            table.add_row(name, "-", "-", f"[red]failed: {res['error'][:60]}", "", "", "", "",
+                          *("" for _ in stream_cols))  # fmt: skip
             continue
         for c in levels:
             m = res["median"][c]
@@ -385,6 +420,7 @@ def print_tables(console, results: dict, ratio: dict, levels: list[int], args) -
                 f"{m['p99_ms']:,.0f}",
                 f"{m['frontend_cpu_ms_per_request']:.1f}",
                 f"{m['client_cpu_ms_per_request']:.1f}" if m["client_cpu_ms_per_request"] else "-",
+                *(f"{m[k]:,.1f}" for k in stream_cols),
             )
         table.add_section()
     console.print(table)

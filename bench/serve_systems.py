@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +34,28 @@ Call = Callable[[str], Awaitable[int]]  # prompt -> generated tokens (all n samp
 class System(NamedTuple):
     call: Call
     frontend_pid: int  # the process that runs the API front end: this one when in-process
+    # --stream: each call appends its StreamClock here (time to first token, token gaps)
+    streams: list | None = None
+
+
+class StreamClock:
+    """When a streamed reply's chunks arrive: time to the first text of any sample, and the
+    gaps between successive chunks of each sample (inter-token latency; a chunk may carry
+    more than one token)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.gaps: list[float] = []
+        self._last: dict[int, float] = {}
+
+    def chunk(self, index: int) -> None:
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.t0
+        if index in self._last:
+            self.gaps.append(now - self._last[index])
+        self._last[index] = now
 
 
 # ---- subprocesses ------------------------------------------------------------------------
@@ -108,17 +132,26 @@ async def inproc_system(model: str, args: argparse.Namespace) -> AsyncIterator[S
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA if args.stream else RequestOutputKind.FINAL_ONLY,
     )
+    streams: list[StreamClock] | None = [] if args.stream else None
 
     async def call(prompt: str) -> int:
-        final = None
+        final, tokens, clock = None, 0, StreamClock()
         async for out in llm.generate(prompt, params, uuid.uuid4().hex):
             final = out
-        return sum(len(o.token_ids) for o in final.outputs)
+            if streams is not None:
+                for o in out.outputs:
+                    if o.token_ids:
+                        clock.chunk(o.index)
+                        tokens += len(o.token_ids)
+        if streams is None:
+            return sum(len(o.token_ids) for o in final.outputs)
+        streams.append(clock)
+        return tokens
 
     try:
-        yield System(call, os.getpid())
+        yield System(call, os.getpid(), streams)
     finally:
         llm.shutdown()
 
@@ -132,16 +165,23 @@ async def seam_system(model: str, args: argparse.Namespace) -> AsyncIterator[Sys
     )
     spec = SamplingSpec(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature)
 
+    streams: list[StreamClock] | None = [] if args.stream else None
+
     async def call(prompt: str) -> int:
-        tokens = 0
+        tokens, clock = 0, StreamClock()
         async with engine.leases([None]) as (lease,):  # as the servicer does: fixes the version
             ids = engine.encode(prompt)
             async for deltas in engine.generate(uuid.uuid4().hex, ids, spec, lease):
-                tokens += sum(len(d.token_ids) for d in deltas)
+                for d in deltas:
+                    if d.token_ids:
+                        clock.chunk(d.index)
+                        tokens += len(d.token_ids)
+        if streams is not None:
+            streams.append(clock)
         return tokens
 
     try:
-        yield System(call, os.getpid())
+        yield System(call, os.getpid(), streams)
     finally:
         engine.shutdown()
 
@@ -170,6 +210,7 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
             # Serving is measured alone, like vLLM's own server: no credentials, no
             # per-user rate limit on the load generator's one user.
             "--open", "--rate-limit-samples", "",
+            *shlex.split(args.grpc_serve_args),
         ]  # fmt: skip
         server = Proc("grpc server", cmd, workdir / "grpc-server.log")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -185,6 +226,8 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
                 max_tokens=args.max_tokens, temperature=args.temperature
             )
 
+            streams: list[StreamClock] | None = [] if args.stream else None
+
             async def call(prompt: str) -> int:
                 request = api_pb2.GenerateRequest(
                     prompt=prompt,
@@ -193,10 +236,18 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
                     user_id="bench",
                     do_not_log=args.grpc_do_not_log,
                 )
-                reply = await stub.Generate(request, timeout=args.request_timeout)
-                return sum(s.token_count for s in reply.samples)
+                if streams is None:
+                    reply = await stub.Generate(request, timeout=args.request_timeout)
+                    return sum(s.token_count for s in reply.samples)
+                tokens, clock = 0, StreamClock()
+                async for event in stub.GenerateStream(request, timeout=args.request_timeout):
+                    if event.HasField("delta") and event.delta.token_count:
+                        clock.chunk(event.delta.index)
+                        tokens += event.delta.token_count
+                streams.append(clock)
+                return tokens
 
-            yield System(call, server.proc.pid)
+            yield System(call, server.proc.pid, streams)
     finally:
         if server is not None:
             server.stop()
@@ -235,6 +286,8 @@ async def vllm_serve_system(
 
             await wait_until(healthy, server, args.start_timeout)
 
+            streams: list[StreamClock] | None = [] if args.stream else None
+
             async def call(prompt: str) -> int:
                 body = {
                     "model": model,
@@ -244,13 +297,27 @@ async def vllm_serve_system(
                     "temperature": args.temperature,
                     "ignore_eos": args.ignore_eos,
                 }
+                if streams is not None:
+                    body.update(stream=True, stream_options={"include_usage": True})
+                clock, tokens = StreamClock(), 0
                 async with session.post(f"{base}/v1/completions", json=body) as r:
                     if r.status != 200:
                         raise RuntimeError(f"vllm-serve HTTP {r.status}: {await r.text()}")
-                    reply = await r.json()
-                return reply["usage"]["completion_tokens"]
+                    if streams is None:
+                        return (await r.json())["usage"]["completion_tokens"]
+                    async for line in r.content:  # server-sent events, one per line
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        for choice in chunk.get("choices", ()):
+                            if choice.get("text"):
+                                clock.chunk(choice["index"])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                streams.append(clock)
+                return tokens
 
-            yield System(call, server.proc.pid)
+            yield System(call, server.proc.pid, streams)
     finally:
         server.stop()
 

@@ -197,7 +197,8 @@ class ServerConfig:
         default=256,
         metadata={
             "help": "Group commit: the feedback (or prompt logs) of concurrent calls go to "
-            "Redis in one pipeline of at most this many, so one fsync covers them all."
+            "Redis in one pipeline of at most this many, so one fsync covers them all (1: "
+            "each call its own round trip)."
         },
     )
     prompt_cache_size: int = field(

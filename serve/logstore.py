@@ -135,6 +135,7 @@ class GroupCommit:
 
     `send(items)` makes one round trip for a batch and returns one result per item (an
     Exception instance fails that item alone); an exception it raises fails the batch.
+    max_batch 1 turns grouping off: every call makes its own round trip, concurrently.
     """
 
     def __init__(self, send: Callable[[list], Awaitable[list]], max_batch: int = 256):
@@ -143,6 +144,11 @@ class GroupCommit:
         self._flusher: asyncio.Task | None = None
 
     async def submit(self, item: object):
+        if self.max_batch <= 1:  # no grouping: each call its own round trip, concurrently
+            (result,) = await self.send([item])
+            if isinstance(result, Exception):
+                raise result
+            return result
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._flusher is None or self._flusher.done():

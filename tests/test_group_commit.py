@@ -146,3 +146,31 @@ def test_prompt_cache_is_bounded_and_forgets_after_the_ttl():
     off = PromptCache(size=0, ttl_s=60)
     off.put(_prompt("x"))
     assert off.get("x") is None
+
+
+def test_max_batch_one_sends_every_call_on_its_own(redis_server):
+    async def run():
+        store = _store(redis_server.url, "gc-single", max_batch=1)
+        batches: list[int] = []
+        send = store._feedback.send
+
+        async def counted(items):
+            batches.append(len(items))
+            return await send(items)
+
+        store._feedback.send = counted
+        try:
+            prompt = _prompt("single")
+            await store.log_prompt(prompt)
+            results = await asyncio.gather(
+                *(store.submit_feedback(_ranking(prompt, f"u{i}")) for i in range(20)),
+                store.submit_feedback(_ranking(prompt, "u0")),
+                return_exceptions=True,
+            )
+            return results, batches, redis_server.client().xlen(store.keys.feedback_stream)
+        finally:
+            await store.close()
+
+    results, batches, stored = asyncio.run(run())
+    assert batches == [1] * 21 and stored == 20
+    assert sum(isinstance(r, AlreadyExists) for r in results) == 1
