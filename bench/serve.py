@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)  # before vLLM is imported, for the in-process systems
-    console = Console()
+    console = Console(width=max(160, shutil.get_terminal_size().columns))  # readable in a log
     # SIGTERM ends the run like Ctrl-C, so the finally blocks stop every subprocess.
     signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
