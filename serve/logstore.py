@@ -138,13 +138,21 @@ class GroupCommit:
     max_batch 1 turns grouping off: every call makes its own round trip, concurrently.
     """
 
-    def __init__(self, send: Callable[[list], Awaitable[list]], max_batch: int = 256):
+    def __init__(
+        self,
+        send: Callable[[list], Awaitable[list]],
+        max_batch: int = 256,
+        send_one: Callable[[object], Awaitable] | None = None,
+    ):
         self.send, self.max_batch = send, max_batch
+        self.send_one = send_one  # the round trip of one call alone (max_batch 1)
         self._waiting: list[tuple[object, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
     async def submit(self, item: object):
         if self.max_batch <= 1:  # no grouping: each call its own round trip, concurrently
+            if self.send_one is not None:
+                return await self.send_one(item)
             (result,) = await self.send([item])
             if isinstance(result, Exception):
                 raise result
@@ -262,7 +270,11 @@ class LogStore:
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
-        self._feedback = GroupCommit(self._send_feedback, max_batch)
+        self._feedback = GroupCommit(
+            self._send_feedback,
+            max_batch,
+            send_one=lambda call: self._submit(keys=call[0], args=call[1]),
+        )
         self._prompts = GroupCommit(self._send_prompts, max_batch)
         self.cache = PromptCache(prompt_cache_size, prompt_ttl_s)
         # The labeling queue, when the server runs one (app.py sets it): log_prompt

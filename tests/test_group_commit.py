@@ -151,14 +151,18 @@ def test_prompt_cache_is_bounded_and_forgets_after_the_ttl():
 def test_max_batch_one_sends_every_call_on_its_own(redis_server):
     async def run():
         store = _store(redis_server.url, "gc-single", max_batch=1)
-        batches: list[int] = []
-        send = store._feedback.send
+        singles, batches = [], []
+        send, send_one = store._feedback.send, store._feedback.send_one
 
-        async def counted(items):
+        async def counted_batch(items):
             batches.append(len(items))
             return await send(items)
 
-        store._feedback.send = counted
+        async def counted_single(item):
+            singles.append(item)
+            return await send_one(item)
+
+        store._feedback.send, store._feedback.send_one = counted_batch, counted_single
         try:
             prompt = _prompt("single")
             await store.log_prompt(prompt)
@@ -167,10 +171,10 @@ def test_max_batch_one_sends_every_call_on_its_own(redis_server):
                 store.submit_feedback(_ranking(prompt, "u0")),
                 return_exceptions=True,
             )
-            return results, batches, redis_server.client().xlen(store.keys.feedback_stream)
+            return results, singles, batches, redis_server.client().xlen(store.keys.feedback_stream)
         finally:
             await store.close()
 
-    results, batches, stored = asyncio.run(run())
-    assert batches == [1] * 21 and stored == 20
+    results, singles, batches, stored = asyncio.run(run())
+    assert len(singles) == 21 and batches == [] and stored == 20
     assert sum(isinstance(r, AlreadyExists) for r in results) == 1
