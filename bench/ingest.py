@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
+
+from benchjson import write_result  # noqa: E402  (bench/ is on sys.path as a script)
 
 PREFIX = "bench-ingest"
 PROMPT = "sort: d b a c\n"
@@ -373,21 +373,7 @@ def main() -> int:
         redis.stop()
     summary = summarize(runs)
     print_table(summary, args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "params": vars(args),
-                "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                "load_before": load_before,
-                "runs": runs,
-                "summary": summary,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    write_result(args.out, args, load_before=load_before, runs=runs, summary=summary)
     return 0 if summary["lost"] == 0 else 1
 
 
