@@ -229,7 +229,7 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
     keys = Keys(PREFIX)
     prompts = prepare(target, args.prompts)
     users_per_prompt = -(-args.feedback // len(prompts))
-    runs, seen = [], set()
+    runs = []
     for rep in range(args.repeats + 1):  # repeat 0 warms up and is not kept
         work = [
             (pid, samples, f"r{rep}-u{u}")
@@ -257,7 +257,6 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
         ingest["acked"] = len(acked)
         ingest["lost"] = len(acked - ids)
         ingest["errors"] = len(ingest["errors"])
-        seen |= acked
         run["ratio"] = ingest["per_s"] / run["floor"]["per_s"]
         run["ceiling_ratio"] = ingest["per_s"] / run["ceiling"]["per_s"]
         print(
