@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,15 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
 
-from benchjson import write_result  # noqa: E402  (bench/ is on sys.path as a script)
+from benchlib import percentile, spread, write_result  # noqa: E402  (bench/ is on sys.path)
 
 PREFIX = "bench-ingest"
 PROMPT = "sort: d b a c\n"
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 # ---------------------------------------------------------------------------- the load
@@ -114,8 +108,8 @@ def run_load(target: str, work: list, procs: int, concurrency: int) -> dict:
         "acked": acked,
         "errors": errors,
         "per_s": len(acked) / seconds,
-        "p50_ms": 1e3 * _pct(latencies, 0.5),
-        "p99_ms": 1e3 * _pct(latencies, 0.99),
+        "p50_ms": 1e3 * percentile(latencies, 0.5),
+        "p99_ms": 1e3 * percentile(latencies, 0.99),
     }
 
 
@@ -273,26 +267,18 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    def spread(*path: str) -> dict:
-        values = []
-        for r in runs:
-            for key in path:
-                r = r[key]
-            values.append(r)
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-    ingest, floor = spread("ingest", "per_s"), spread("floor", "per_s")
-    ceiling = spread("ceiling", "per_s")
+    ingest, floor = spread(runs, "ingest", "per_s"), spread(runs, "floor", "per_s")
+    ceiling = spread(runs, "ceiling", "per_s")
     return {
         "ingest_per_s": ingest,
         "floor_per_s": floor,
         "ceiling_per_s": ceiling,
         "ratio_of_medians": ingest["median"] / floor["median"],
-        "ratio_per_repeat": spread("ratio"),
+        "ratio_per_repeat": spread(runs, "ratio"),
         "ceiling_ratio_of_medians": ingest["median"] / ceiling["median"],
-        "ceiling_ratio_per_repeat": spread("ceiling_ratio"),
-        "p50_ms": spread("ingest", "p50_ms"),
-        "p99_ms": spread("ingest", "p99_ms"),
+        "ceiling_ratio_per_repeat": spread(runs, "ceiling_ratio"),
+        "p50_ms": spread(runs, "ingest", "p50_ms"),
+        "p99_ms": spread(runs, "ingest", "p99_ms"),
         "acked": sum(r["ingest"]["acked"] for r in runs),
         "lost": sum(r["ingest"]["lost"] for r in runs),
         "errors": sum(r["ingest"]["errors"] for r in runs),

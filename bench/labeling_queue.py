@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
 
-from benchjson import write_result  # noqa: E402  (bench/ is on sys.path as a script)
+from benchlib import write_result  # noqa: E402  (bench/ is on sys.path as a script)
 
 PREFIX = "bench-queue"
 TOKEN = "bench-admin-token"

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import spread  # bench/ is on sys.path as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 8
@@ -219,12 +220,7 @@ def main() -> int:
     rows = [one_seed(args, seed, work) for seed in range(args.seeds)]
 
     def med(*path: str) -> float:
-        values = []
-        for r in rows:
-            for key in path:
-                r = r[key]
-            values.append(r)
-        return statistics.median(values)
+        return spread(rows, *path)["median"]
 
     summary = {
         scorer: {k: med(scorer, k) for k in ("all", "right_vs_wrong", "right_vs_wrong_pairs")}

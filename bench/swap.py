@@ -37,17 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
 
+from benchlib import percentile  # noqa: E402  (bench/ is on sys.path as a script)
+
 PROMPT = "reverse: swap"
 GREEDY = {"n": 1, "max_tokens": 12, "temperature": 0.0}
 TOKEN = "bench-admin-token"
 PREFIX = "bench-swap"
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 class Load:
@@ -165,7 +160,7 @@ def measure_server(args, model: Path, work: Path, variants: dict) -> dict:
             steady, steady_failed = load.window(0, steady_end)
             result["steady"] = {
                 "requests": len(steady), "failed": steady_failed,
-                "p50_ms": 1e3 * _pct(steady, 0.5), "p99_ms": 1e3 * _pct(steady, 0.99),
+                "p50_ms": 1e3 * percentile(steady, 0.5), "p99_ms": 1e3 * percentile(steady, 0.99),
             }  # fmt: skip
             for mode in ("full", "lora"):
                 admin.promote("v0")  # every swap starts from v0's weights
@@ -183,8 +178,8 @@ def measure_server(args, model: Path, work: Path, variants: dict) -> dict:
                     path = sum(v for p, v in phases.items() if p != "drain")
                     result["swaps"].append({"mode": mode, "version": target, "swap_s": latency,
                                             "phases_s": phases, "path_s": path,
-                                            "failed": failed, "p50_ms": 1e3 * _pct(lat, 0.5),
-                                            "p99_ms": 1e3 * _pct(lat, 0.99)})  # fmt: skip
+                                            "failed": failed, "p50_ms": 1e3 * percentile(lat, 0.5),
+                                            "p99_ms": 1e3 * percentile(lat, 0.99)})  # fmt: skip
                     print(f"  {mode:4} -> {target}: first response {1e3 * latency:.0f} ms, "
                           f"swap path {1e3 * path:.0f} ms without the drain ("
                           + ", ".join(f"{p} {1e3 * v:.1f}" for p, v in phases.items())
