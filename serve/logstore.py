@@ -135,28 +135,23 @@ class GroupCommit:
 
     `send(items)` makes one round trip for a batch and returns one result per item (an
     Exception instance fails that item alone); an exception it raises fails the batch.
-    max_batch 1 turns grouping off: every call makes its own round trip, concurrently.
+    `send_one(item)` is the round trip of one call alone: with max_batch 1, grouping is
+    off and every call makes its own, concurrently.
     """
 
     def __init__(
         self,
         send: Callable[[list], Awaitable[list]],
+        send_one: Callable[[object], Awaitable],
         max_batch: int = 256,
-        send_one: Callable[[object], Awaitable] | None = None,
     ):
-        self.send, self.max_batch = send, max_batch
-        self.send_one = send_one  # the round trip of one call alone (max_batch 1)
+        self.send, self.send_one, self.max_batch = send, send_one, max_batch
         self._waiting: list[tuple[object, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
     async def submit(self, item: object):
-        if self.max_batch <= 1:  # no grouping: each call its own round trip, concurrently
-            if self.send_one is not None:
-                return await self.send_one(item)
-            (result,) = await self.send([item])
-            if isinstance(result, Exception):
-                raise result
-            return result
+        if self.max_batch <= 1:
+            return await self.send_one(item)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._flusher is None or self._flusher.done():
@@ -271,11 +266,11 @@ class LogStore:
         self.redis = aioredis.Redis(connection_pool=pool)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
         self._feedback = GroupCommit(
-            self._send_feedback,
-            max_batch,
-            send_one=lambda call: self._submit(keys=call[0], args=call[1]),
+            self._send_feedback, lambda call: self._submit(keys=call[0], args=call[1]), max_batch
         )
-        self._prompts = GroupCommit(self._send_prompts, max_batch)
+        self._prompts = GroupCommit(
+            self._send_prompts, lambda record: self._send_prompts([record]), max_batch
+        )
         self.cache = PromptCache(prompt_cache_size, prompt_ttl_s)
         # The labeling queue, when the server runs one (app.py sets it): log_prompt
         # enqueues the prompts it wants in the log's own MULTI.

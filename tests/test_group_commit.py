@@ -43,17 +43,27 @@ def _store(url: str, prefix: str, **kw) -> LogStore:
     return LogStore(url, Keys(prefix), prompt_ttl_s=600, timeout_s=2.0, **kw)
 
 
+def _count_round_trips(store: LogStore) -> tuple[list[int], list[object]]:
+    """The sizes of the feedback batches sent from now on, and the calls sent alone."""
+    batches, singles = [], []
+    send, send_one = store._feedback.send, store._feedback.send_one
+
+    async def batch(items):
+        batches.append(len(items))
+        return await send(items)
+
+    async def single(item):
+        singles.append(item)
+        return await send_one(item)
+
+    store._feedback.send, store._feedback.send_one = batch, single
+    return batches, singles
+
+
 def test_concurrent_feedback_shares_round_trips_and_each_caller_gets_its_answer(redis_server):
     async def run():
         store = _store(redis_server.url, "gc-share")
-        batches: list[int] = []
-        send = store._feedback.send
-
-        async def counted(items):
-            batches.append(len(items))
-            return await send(items)
-
-        store._feedback.send = counted
+        batches, _ = _count_round_trips(store)
         try:
             prompts = [_prompt(f"p{i}") for i in range(4)]
             await asyncio.gather(*(store.log_prompt(p) for p in prompts))
@@ -151,18 +161,7 @@ def test_prompt_cache_is_bounded_and_forgets_after_the_ttl():
 def test_max_batch_one_sends_every_call_on_its_own(redis_server):
     async def run():
         store = _store(redis_server.url, "gc-single", max_batch=1)
-        singles, batches = [], []
-        send, send_one = store._feedback.send, store._feedback.send_one
-
-        async def counted_batch(items):
-            batches.append(len(items))
-            return await send(items)
-
-        async def counted_single(item):
-            singles.append(item)
-            return await send_one(item)
-
-        store._feedback.send, store._feedback.send_one = counted_batch, counted_single
+        batches, singles = _count_round_trips(store)
         try:
             prompt = _prompt("single")
             await store.log_prompt(prompt)
