@@ -188,3 +188,9 @@ class Keys:
     def replicas(self) -> str:
         """Hash: replica id -> serialized admin_pb2.ReplicaStatus (heartbeats)."""
         return f"{self.prefix}:replicas"
+
+    @property
+    def swap_turn(self) -> str:
+        """String with a TTL: '<replica> <token>' of the one replica taking a full-weight
+        swap now (serve/swapturn.py). The holder renews it; a dead holder's turn expires."""
+        return f"{self.prefix}:swap:turn"
