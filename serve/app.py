@@ -33,11 +33,13 @@ from .auth import Authenticator
 from .config import ServerConfig
 from .engine import EngineError, VllmEngine
 from .errors import Unavailable
+from .health import ServingHealth
 from .logstore import LogStore, RedisSettingsError
 from .metrics import Metrics
 from .queue import LabelingQueue
 from .ratelimit import RateLimiter, parse_limits
 from .servicer import InstructLoopServicer
+from .swapturn import SwapTurn
 from .versions import VersionFollower
 
 log = logging.getLogger("instructloop.serve")
@@ -97,24 +99,25 @@ def admin_token(cfg: ServerConfig) -> str:
 
 
 async def _watch_health(
-    health_servicer: health.aio.HealthServicer,
+    serving: ServingHealth,
     engine: VllmEngine,
     store: LogStore,
     metrics: Metrics,
 ) -> None:
-    """The service is SERVING while the engine answers. Redis being down degrades it
-    (prompts are not logged, feedback is UNAVAILABLE) but does not take the replica out of
-    a load balancer: it shows as NOT_SERVING under LOGGING_HEALTH, in
+    """The service is SERVING while the engine answers and no full-weight swap drains it
+    (ServingHealth keeps both, so this loop cannot end a swap's NOT_SERVING). Redis being
+    down degrades it (prompts are not logged, feedback is UNAVAILABLE) but does not take
+    the replica out of a load balancer: it shows as NOT_SERVING under LOGGING_HEALTH, in
     instructloop_redis_up and in the logs. Each ping has the Redis deadline, so a Redis
     that stops answering cannot stall this loop."""
-    last = None
+    health_servicer = serving.servicer
     last_logging = None
     while True:
         try:
             await engine.check_health()
-            status = health_pb2.HealthCheckResponse.SERVING
+            engine_ok = True
         except EngineError as e:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            engine_ok = False
             log.error("engine unhealthy", extra={"error": str(e)})
         try:
             await store.ping()
@@ -127,10 +130,7 @@ async def _watch_health(
         if logging_status != last_logging:
             await health_servicer.set(LOGGING_HEALTH, logging_status)
             last_logging = logging_status
-        if status != last:
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-            last = status
+        await serving.set_engine_ok(engine_ok)
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
@@ -187,7 +187,11 @@ async def serve(cfg: ServerConfig) -> None:
     port = _add_port(server, cfg)
     if port == 0:
         raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port} (in use?)")
-    metrics.serve_http(cfg.host, cfg.metrics_port)
+    health_servicer = health.aio.HealthServicer()
+    serving = ServingHealth(health_servicer, ("", SERVICE_NAME))
+    # "" starts SERVING in grpc's servicer: NOT_SERVING until the engine's first check.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics.serve_http(cfg.host, cfg.metrics_port, serving=lambda: serving.serving)
     engine = VllmEngine(
         str(model_dir),
         version=cfg.version,
@@ -206,7 +210,15 @@ async def serve(cfg: ServerConfig) -> None:
     key_file = cfg.registry_key_file or str(Path(cfg.data_dir) / "registry-key")
     registry = Registry(store.redis, Keys(cfg.redis_prefix), load_registry_key(key_file))
     model_store = ModelStore(cfg.store_dir)
-    follower = VersionFollower(engine, registry, model_store, metrics, cfg.poll_interval_s)
+    follower = VersionFollower(
+        engine, registry, model_store, metrics, cfg.poll_interval_s,
+        health=serving, drain_grace_s=cfg.swap_drain_grace_s,
+    )  # fmt: skip
+    if cfg.rolling_swap:
+        follower.turn = SwapTurn(
+            store.redis, Keys(cfg.redis_prefix).swap_turn, follower.replica_id,
+            ttl_s=cfg.swap_turn_ttl_s, wait_log_s=cfg.swap_turn_wait_s,
+        )  # fmt: skip
     base = admin_pb2.VersionInfo(
         id=cfg.version, kind="base", base_model=str(model_dir), path=str(model_dir),
         created=now_ts(),
@@ -231,7 +243,6 @@ async def serve(cfg: ServerConfig) -> None:
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(registry, model_store, users, auth), server
     )
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -243,7 +254,7 @@ async def serve(cfg: ServerConfig) -> None:
     gc.collect()
     gc.freeze()
     await server.start()
-    watcher = asyncio.create_task(_watch_health(health_servicer, engine, store, metrics))
+    watcher = asyncio.create_task(_watch_health(serving, engine, store, metrics))
     log.info(
         "serving",
         extra={
@@ -269,8 +280,7 @@ async def serve(cfg: ServerConfig) -> None:
     try:
         await stop.wait()
         log.info("stopping: finishing in-flight calls", extra={"grace_s": SHUTDOWN_GRACE_S})
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await serving.stop()
         await server.stop(SHUTDOWN_GRACE_S)
     finally:
         watcher.cancel()

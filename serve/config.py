@@ -271,6 +271,43 @@ class ServerConfig:
             "weights; then it ends them with UNAVAILABLE (retry: the new version answers)."
         },
     )
+    swap_drain_grace_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "Before a full-weight swap pauses and drains the engine, this replica "
+            "reports NOT_SERVING (grpc.health and /healthz) for this long, so load "
+            "balancers stop sending it new calls first; with --rolling-swap it keeps the "
+            "turn as long again after SERVING, so they take it back before the next "
+            "replica leaves. Set it to at least the balancer's check interval times its "
+            "fall count (deploy/haproxy.cfg checks every 1 s and falls after 1; a "
+            "Kubernetes readinessProbe needs periodSeconds x failureThreshold plus the "
+            "endpoint update). 0: swap at once (one replica, or no balancer)."
+        },
+    )
+    rolling_swap: bool = field(
+        default=True,
+        metadata={
+            "help": "Take full-weight swaps one replica at a time across the fleet (a turn "
+            "in Redis, renewed while swapping), so at most one replica is out of the "
+            "balancer; meanwhile the others serve their old version, and every response "
+            "names the version that produced it. LoRA swaps need no turn (no drain)."
+        },
+    )
+    swap_turn_ttl_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "TTL of the swap turn; its holder renews it every third of it. A "
+            "replica killed mid-swap holds the fleet's swaps up at most this long."
+        },
+    )
+    swap_turn_wait_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "After waiting this long for the swap turn, a replica logs a warning "
+            "naming the holder (and again each time as long), and keeps waiting while "
+            "it serves its old version."
+        },
+    )
     kv_cache_gib: int = field(
         default=1, metadata={"help": "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."}
     )

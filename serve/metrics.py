@@ -6,9 +6,14 @@ also observed in instructloop_request_tokens_per_second.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlparse
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SWAP_PHASE_BUCKETS = (0.001, 0.0025, 0.005, *LATENCY_BUCKETS)
@@ -75,8 +80,11 @@ class Metrics:
         self.swap_phase_seconds = Histogram(
             "instructloop_swap_phase_seconds",
             "Parts of a version swap: event (age of a registry event when it arrives), "
-            "verify (signature and checksums), drain (full swaps: in-flight requests "
-            "finish), load (full: pause + reload_weights + resume; LoRA: add_lora).",
+            "verify (signature and checksums), turn (full swaps with --rolling-swap: "
+            "waiting for the fleet's swap turn), grace (full: NOT_SERVING before the "
+            "drain, and again after it while holding the turn), drain (full swaps: "
+            "in-flight requests finish), load (full: pause + reload_weights + resume; "
+            "LoRA: add_lora).",
             ["phase"], buckets=SWAP_PHASE_BUCKETS, registry=r,
         )  # fmt: skip
         self.swap_seconds = Histogram(
@@ -91,6 +99,34 @@ class Metrics:
         self.served_version.clear()
         self.served_version.labels(version).set(1)
 
-    def serve_http(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, serving: Callable[[], bool] | None = None) -> None:
+        """GET /metrics (Prometheus's text format) on host:port, in a thread; with
+        `serving`, GET /healthz too: 200 while it returns True, else 503 (for balancers
+        that cannot check grpc.health, as HAProxy 2.6 cannot)."""
+        if not port:
+            return
+        server_class = type(
+            "MetricsServer",
+            (ThreadingHTTPServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        )
+        server = server_class((host, port), _handler(self.registry, serving))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+def _handler(registry: CollectorRegistry, serving: Callable[[], bool] | None) -> type:
+    class Handler(MetricsHandler):
+        def do_GET(self) -> None:
+            if serving is None or urlparse(self.path).path != "/healthz":
+                return super().do_GET()
+            ok = serving()
+            body = b"SERVING\n" if ok else b"NOT_SERVING\n"
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    Handler.registry = registry
+    return Handler

@@ -5,6 +5,13 @@ seconds is the fallback, so a missed message still converges. Before a swap the
 version's files are verified against its manifest checksum; a missing, partial or
 corrupt version is refused, the old version keeps serving, and the refusal shows in
 GetModel, the logs, the metrics and this replica's heartbeat in the registry.
+
+A full-weight swap takes the replica out of load balancers while it drains: with
+`health`, it reports NOT_SERVING for `drain_grace_s` before the engine pauses, and
+SERVING again once the swap ended (done or refused). With `turn` (rolling swaps), it
+first waits for the fleet's one swap turn (serve/swapturn.py), and holds it another
+`drain_grace_s` after SERVING, so balancers have taken it back before the next replica
+leaves: at most one replica of the fleet is out at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from instructloop.store import ModelStore, VersionError
 from instructloop.v1 import admin_pb2, records_pb2
 
 from .engine import Engine, EngineError, VersionNotLoaded
+from .health import ServingHealth
 from .metrics import Metrics
+from .swapturn import SwapTurn
 
 log = logging.getLogger(__name__)
 RETRY_REFUSED_S = 30.0
@@ -44,6 +53,10 @@ class VersionFollower:
         metrics: Metrics,
         poll_interval_s: float = 5.0,
         replica_id: str = "",
+        *,
+        health: ServingHealth | None = None,
+        turn: SwapTurn | None = None,
+        drain_grace_s: float = 0.0,
     ):
         self.engine = engine
         self.registry = registry
@@ -59,6 +72,10 @@ class VersionFollower:
         self._tasks: list[asyncio.Task] = []
         self._heartbeats = 0
         self._base: admin_pb2.VersionInfo | None = None  # set until registered
+        self.health = health
+        self.turn = turn
+        self.drain_grace_s = drain_grace_s
+        self._live = False  # False during the first sync: no balancer sends calls yet
 
     @property
     def mode(self) -> str:
@@ -78,6 +95,7 @@ class VersionFollower:
                 "registry unreachable at start (%s): serving the base %s, following the "
                 "registry once Redis answers", e, base.id,
             )  # fmt: skip
+        self._live = True
         self._tasks = [
             asyncio.create_task(self._listen(), name="registry-listen"),
             asyncio.create_task(self._poll(), name="registry-poll"),
@@ -95,12 +113,9 @@ class VersionFollower:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self.registry.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.registry.keys.events)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self._wake.set()
-                            self._observe_event(message["data"])
+                async for data in self.registry.events():
+                    self._wake.set()
+                    self._observe_event(data)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -211,7 +226,7 @@ class VersionFollower:
             await self.engine.set_current(version)
             phases["load"] = time.perf_counter() - loaded
         else:
-            phases.update(await self.engine.swap_full(path, version))
+            phases.update(await self._swap_full(path, version))
         for phase, seconds in phases.items():
             self.metrics.swap_phase_seconds.labels(phase).observe(seconds)
         self._served(version, info.kind, started)
@@ -224,12 +239,40 @@ class VersionFollower:
         self.last_swap_error = ""
         log.info("now serving", extra={"version": version, "kind": kind, "seconds": elapsed})
 
+    async def _swap_full(self, path: str, version: str) -> dict[str, float]:
+        """A full-weight swap, out of the balancer: in turn (rolling), NOT_SERVING for
+        the grace, drain and load, SERVING again (also when it fails), and the turn kept
+        for another grace. The seconds of its parts."""
+        if not self._live:  # the first sync, before the server takes calls
+            return await self.engine.swap_full(path, version)
+        phases: dict[str, float] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            if self.turn is not None:
+                phases["turn"] = await stack.enter_async_context(self.turn.hold(version))
+            t0 = time.perf_counter()
+            if self.health is not None:
+                await self.health.set_swapping(True)
+            log.info("swap to %s: NOT_SERVING at t=%.3f", version, time.time())
+            try:
+                await asyncio.sleep(self.drain_grace_s)
+                phases["grace"] = time.perf_counter() - t0
+                phases.update(await self.engine.swap_full(path, version))
+            finally:
+                if self.health is not None:
+                    await self.health.set_swapping(False)
+                log.info("swap to %s: SERVING at t=%.3f", version, time.time())
+            if self.turn is not None:  # balancers see this replica back before the next leaves
+                t1 = time.perf_counter()
+                await asyncio.sleep(self.drain_grace_s)
+                phases["grace"] += time.perf_counter() - t1
+        return phases
+
     async def _load_adapter(self, info: admin_pb2.VersionInfo, path: str) -> None:
         if not self.engine.supports_adapters:
             raise SwapRefused(f"{info.id} is a LoRA adapter; this replica runs without LoRA")
         if self.engine.weights_version != info.base_model:
             base = await self.registry.get(info.base_model)
-            await self.engine.swap_full(await self._checked_dir(base), base.id)
+            await self._swap_full(await self._checked_dir(base), base.id)
         await self.engine.load_adapter(path, info.id)
 
     async def _follow_canary(self) -> None:

@@ -98,9 +98,11 @@ def fleet(tiny_model, redis_server, tmp_path_factory):
     store = ModelStore(work / "store")
     key_file = work / "registry-key"  # the deployment's: every replica and the publisher
     key = load_registry_key(key_file)
+    # No balancer checks these replicas: a swap need not wait for one to notice.
     extra = ("--enable-lora", "--model-store", str(store.root), "--admin-token", TOKEN,
              "--registry-key-file", str(key_file),
-             "--poll-interval-s", "1", "--swap-drain-timeout-s", str(DRAIN_S))  # fmt: skip
+             "--poll-interval-s", "1", "--swap-drain-timeout-s", str(DRAIN_S),
+             "--swap-drain-grace-s", "0")  # fmt: skip
     servers = start_servers(tiny_model, redis_server.url, [work / "r0", work / "r1"], PREFIX,
                             *extra)  # fmt: skip
     f = Fleet(servers, redis_server.url, store, tiny_model, key)
