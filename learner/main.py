@@ -17,6 +17,10 @@ One learner runs per deployment: it holds a lease in Redis (lease.py) and a seco
 waits for it. While it runs, it re-reads its pending entries and claims stale ones of
 other consumers every --claim-interval-s, not only at start.
 
+Under torchrun (`torchrun --nproc_per_node N -m instructloop.cli learn ...`) rank 0 is
+the learner described here; every other rank only trains its shard of each SFT, RM and
+PPO batch, on orders from rank 0 (follow_rank0, learner/distributed.py).
+
 Everything the learner owns lives under --data-dir: the dataset (dataset.sqlite3), the
 round state (state.json) and the reward models and SFT policies of recent rounds. Beside
 it (the parent directory, the deployment's DATA_DIR by default) lie the deployment's
@@ -27,6 +31,7 @@ registry key (registry-key) and the key of the held-out split (split-salt).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import signal
@@ -40,6 +45,7 @@ import redis
 import redis.asyncio as aioredis
 
 from instructloop.keys import Keys
+from instructloop.learner import distributed
 from instructloop.learner.config import (
     LearnerConfig,
     PPOConfig,
@@ -51,6 +57,7 @@ from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
 from instructloop.learner.dataset import Dataset, DatasetConfig
 from instructloop.learner.device import resolve_device
 from instructloop.learner.lease import LearnerLease
+from instructloop.learner.ppo import PPOStopped
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.redact import redact_url
 from instructloop.registry import Registry, load_registry_key, prune_versions
@@ -90,6 +97,9 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+    cfg.device = distributed.init_from_env(cfg.device)  # torchrun: this rank's device
+    if not distributed.is_main():
+        return follow_rank0(cfg.device, stop)
 
     data_dir = Path(cfg.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +180,9 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
                 log.warning("redis unavailable (%s); retrying", e)
                 stop.wait(1.0)
     finally:
+        if distributed.world_size() > 1:
+            distributed.send_order(None)  # the other ranks exit
+            distributed.close()
         lease.release()
         loop.run_until_complete(aclient.aclose())
         loop.close()
@@ -179,6 +192,27 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
         log.error("learner stopped: it lost its lease")
         return 1
     log.info("learner stopped")
+    return 0
+
+
+def follow_rank0(device: str, stop: threading.Event) -> int:
+    """A rank other than 0 under torchrun: run the trainer rank 0 orders, with the
+    arguments it sends (the round's data included), on this rank's device and shard,
+    until rank 0 says stop. It touches no Redis, no store and no learner state; a stop
+    request is obeyed through the trainers' own checks, together with rank 0."""
+    log.info("rank %d: training only; rank 0 consumes and publishes", distributed.rank())
+    while (order := distributed.receive_order()) is not None:
+        trainer, kwargs = order
+        if "stop" in inspect.signature(trainer).parameters:
+            kwargs["stop"] = stop
+        try:
+            trainer(**kwargs, device=device)
+        except PPOStopped:
+            pass  # rank 0 stopped it too: the round is abandoned there
+        except Exception:  # rank 0 fails the same way and decides what happens next
+            log.exception("rank %d: %s failed", distributed.rank(), trainer.__name__)
+    log.info("rank %d: rank 0 is done; exiting", distributed.rank())
+    distributed.close()
     return 0
 
 

@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from instructloop.learner import distributed
 from instructloop.learner.config import PPOConfig
 from instructloop.learner.device import autocast
-from instructloop.learner.reward import load_reward_model, score_texts, token_values
+from instructloop.learner.reward import ValueHead, load_reward_model, score_texts, token_values
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,21 @@ def load_policy(
     return model.to(device), tokenizer
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator=None) -> torch.Tensor:
+    """Mean of x over mask; or, with a denominator (distributed.mean_denominator), the
+    masked SUM divided by it: under DDP the gradient average is then the global mean."""
+    if denominator is None:
+        denominator = mask.sum().clamp(min=1)
+    return (x * mask).sum() / denominator
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """x whitened with the mean and variance of the valid tokens of the GLOBAL batch (all
+    ranks' tokens under torchrun), so the advantages of a token do not depend on which
+    rank sampled it."""
+    n = distributed.all_sum(mask.sum()).clamp(min=1)
+    mean = distributed.all_sum((x * mask).sum()) / n
+    var = distributed.all_sum((((x - mean) ** 2) * mask).sum()) / n
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
@@ -126,7 +135,6 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
         max_length=cfg.max_prompt_length,
         return_tensors="pt",
     ).to(policy.device)
-    P = enc["input_ids"].shape[1]
     if engine is not None:
         seq = engine.sample(enc["input_ids"], enc["attention_mask"]).to(policy.device)  # [B, P+R]
     else:
@@ -140,10 +148,41 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )  # [B, P+R]
+    return _logprobs_of(policy, ref, tokenizer, list(prompts), enc["attention_mask"], seq, cfg)
+
+
+@torch.no_grad()
+def rollout_of(
+    policy, ref, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: PPOConfig
+) -> Rollout:
+    """The Rollout of given responses (each ends with EOS) to the prompts, as if sampled:
+    the same padding, masks and log-probs `rollout` computes. For tests and replays."""
+    enc = tokenizer(
+        list(prompts),
+        padding=True,
+        truncation=True,
+        max_length=cfg.max_prompt_length,
+        return_tensors="pt",
+    ).to(policy.device)
+    ids = [
+        tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for r in responses
+    ]
+    R = max(len(i) for i in ids)
+    response = torch.tensor(
+        [i + [tokenizer.pad_token_id] * (R - len(i)) for i in ids], device=policy.device
+    )  # [B, R]
+    seq = torch.cat([enc["input_ids"], response], dim=1)  # [B, P+R]
+    return _logprobs_of(policy, ref, tokenizer, list(prompts), enc["attention_mask"], seq, cfg)
+
+
+def _logprobs_of(policy, ref, tokenizer, prompts, prompt_attn, seq, cfg: PPOConfig) -> Rollout:
+    """Masks, positions, texts and both log-probs of sequences [B, P+R] (P: prompt_attn's)."""
+    P = prompt_attn.shape[1]
     response = seq[:, P:]  # [B, R]
     is_eos = (response == tokenizer.eos_token_id).long()
     mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()  # up to and including the first EOS
-    attn = torch.cat([enc["attention_mask"], mask], dim=1)
+    attn = torch.cat([prompt_attn, mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logp, _ = response_logprobs(policy, seq, attn, pos, P, cfg.temperature)
     ref_logp, _ = response_logprobs(ref, seq, attn, pos, P, cfg.temperature)
@@ -151,7 +190,7 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
         tokenizer.decode(r[m.bool()], skip_special_tokens=True)
         for r, m in zip(response.cpu(), mask.cpu(), strict=True)  # one copy, not one per row
     ]
-    return Rollout(list(prompts), seq, attn, pos, P, mask.float(), texts, logp, ref_logp)
+    return Rollout(prompts, seq, attn, pos, P, mask.float(), texts, logp, ref_logp)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -173,7 +212,178 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
+def shaped_rewards(
+    logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, rewards), both [B, R]: kl = log pi - log pi_ref per response token, rewards =
+    -beta * kl at every token plus the RM score [B] at each response's last token."""
+    kl = (logp - ref_logp) * mask  # [B, R] per-token KL estimate
+    rewards = -beta * kl
+    last = mask.sum(-1).long() - 1  # [B] index of the last response token
+    rewards[torch.arange(len(last), device=last.device), last] += scores
+    return kl, rewards
+
+
+@dataclass
+class Experience:
+    """What a rollout is worth, computed once before the update epochs."""
+
+    scores: torch.Tensor  # [B] RM score of each response, bias applied
+    values: torch.Tensor  # [B, R] value estimate at each response token, at sampling time
+    kl: torch.Tensor  # [B, R] log pi - log pi_ref
+    rewards: torch.Tensor  # [B, R] shaped_rewards
+    advantages: torch.Tensor  # [B, R] GAE, whitened over the global batch
+    returns: torch.Tensor  # [B, R] advantages + values: the value model's target
+
+
+@torch.no_grad()
+def experience(
+    ro: Rollout, reward_model, reward_tokenizer, value_model, cfg: PPOConfig
+) -> Experience:
+    """Score the responses, shape the rewards with the KL penalty, run GAE."""
+    scores = score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts)  # [B]
+    P = ro.prompt_len
+    values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
+    kl, rewards = shaped_rewards(ro.logp, ro.ref_logp, scores, ro.mask, cfg.kl_beta)
+    advantages, returns = gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, ro.mask)
+    return Experience(scores, values, kl, rewards, advantages, returns)
+
+
+def ppo_losses(
+    *,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    v_new: torch.Tensor,
+    v_old: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PPOConfig,
+    denominator: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(pg_loss, vf_loss, stats): clipped policy loss and clipped value loss, token means
+    over `mask` ([b, R] tensors). denominator: see masked_mean (None: this batch's mean)."""
+    ratio = torch.exp(logp - old_logp)
+    pg_loss = masked_mean(
+        torch.max(
+            -advantages * ratio,
+            -advantages * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range),
+        ),
+        mask,
+        denominator,
+    )
+    v_clipped = v_old + (v_new - v_old).clamp(-cfg.value_clip_range, cfg.value_clip_range)
+    vf_loss = 0.5 * masked_mean(
+        torch.max((v_new - returns) ** 2, (v_clipped - returns) ** 2), mask, denominator
+    )
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > cfg.clip_range).float()
+        stats = {"clipfrac": masked_mean(clipped, mask).item()}
+    return pg_loss, vf_loss, stats
+
+
+def ptx_loss(policy, tokenizer, texts: Sequence[str], cfg: PPOConfig) -> torch.Tensor:
+    """PPO-ptx: the language-model loss of demonstration texts, a token mean over the
+    global batch of texts (this rank's texts' summed loss over distributed.mean_denominator).
+
+    A text is a whole document: it ends with EOS (so the policy keeps learning where
+    answers stop) and is kept up to a prompt's and a response's length.
+    """
+    device = next(policy.parameters()).device
+    enc = tokenizer(
+        [t + tokenizer.eos_token for t in texts],
+        padding=True,
+        truncation=True,
+        max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+        return_tensors="pt",
+    ).to(device)
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    # Targets: every token but a text's first (nothing precedes it; under left padding
+    # it would be "predicted" from a pad, and the loss would depend on the padding).
+    labels = enc["input_ids"].masked_fill((enc["attention_mask"] == 0) | (pos == 0), -100)
+    n_tokens = (labels[:, 1:] != -100).sum()  # the model shifts labels: token t+1 from t
+    denominator = distributed.mean_denominator(n_tokens)
+    with autocast(device):
+        return policy(**enc, position_ids=pos, labels=labels, num_items_in_batch=denominator).loss
+
+
+def ppo_step(
+    *,
+    policy,
+    value_head,
+    optim: torch.optim.Optimizer,
+    ro: Rollout,
+    exp: Experience,
+    idx: torch.Tensor,
+    cfg: PPOConfig,
+    tokenizer=None,
+    ptx_texts: Sequence[str] = (),
+) -> dict:
+    """One gradient step on the episodes `idx` of this rank's rollout: clipped policy
+    loss + vf_coef * clipped value loss (+ ptx_coef * ptx_loss on `ptx_texts`).
+
+    policy and value_head (a ValueHead) are DDP-wrapped under torchrun. The token means
+    divide by the valid tokens of the minibatch on ALL ranks (distributed.mean_denominator),
+    so DDP's averaged gradient is that of the global token mean, whatever each rank's
+    response lengths. Returns the step's stats (global means of the losses).
+    """
+    P, mb_mask = ro.prompt_len, ro.mask[idx]  # mb_mask: [b, R]
+    device = ro.seq.device
+    denominator = distributed.mean_denominator(mb_mask.sum())
+    with autocast(device):  # the forwards; backward runs in their dtypes
+        logp, entropy = response_logprobs(
+            policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
+        )
+        v_new = value_head(ro.seq[idx], ro.attn[idx], ro.pos[idx])[:, P - 1 : -1]  # [b, R]
+    pg_loss, vf_loss, stats = ppo_losses(
+        logp=logp,
+        old_logp=ro.logp[idx],
+        advantages=exp.advantages[idx],
+        v_new=v_new,
+        v_old=exp.values[idx],
+        returns=exp.returns[idx],
+        mask=mb_mask,
+        cfg=cfg,
+        denominator=denominator,
+    )
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    losses = [pg_loss.detach(), vf_loss.detach()]
+    if ptx_texts:  # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step
+        ptx = ptx_loss(policy, tokenizer, ptx_texts, cfg)
+        loss = loss + cfg.ptx_coef * ptx
+        losses.append(ptx.detach())
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
+    optim.step()
+    means = (distributed.all_sum(torch.stack(losses)) / distributed.world_size()).tolist()
+    stats.update(pg_loss=means[0], vf_loss=means[1], entropy=masked_mean(entropy, mb_mask).item())
+    if ptx_texts:
+        stats["ptx_loss"] = means[2]
+    return stats
+
+
 # ---------------------------------------------------------------------------- the run
+
+
+def check_world(cfg: PPOConfig, world: int, ptx: bool) -> None:
+    """Under torchrun every rank takes an equal share of each global batch, so that every
+    rank runs the same number of minibatch steps (each one a DDP all-reduce)."""
+    if world == 1:
+        return
+    sizes = {
+        "--ppo-rollout-prompts": cfg.rollout_prompts,
+        "--ppo-minibatch-size": cfg.minibatch_size,
+    }
+    if ptx:
+        sizes["--ppo-ptx-batch-size"] = cfg.ptx_batch_size
+    for name, size in sizes.items():
+        if size % world:
+            raise ValueError(f"{name} {size} must be a multiple of the {world} ranks")
+    if cfg.rollout_engine != "hf":
+        raise ValueError("under torchrun PPO samples with --ppo-rollout-engine hf only")
 
 
 def train_ppo(
@@ -200,8 +410,10 @@ def train_ppo(
         raise ValueError("PPO needs at least one prompt")
     if cfg.rollout_engine not in ("hf", "vllm"):
         raise ValueError(f"rollout_engine must be 'hf' or 'vllm', not {cfg.rollout_engine!r}")
+    world = distributed.world_size()
+    check_world(cfg, world, ptx=cfg.ptx_coef > 0 and bool(ptx_texts))
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same global batches on every rank
 
     # ---- models: policy (trained), reference (frozen), value (trained), reward (frozen)
     policy, tokenizer = load_policy(policy_dir, lora=cfg.lora, device=device)
@@ -224,6 +436,12 @@ def train_ppo(
         m.requires_grad_(False)
     for m in (policy, ref, reward_model, value_model):
         m.eval()  # no dropout: log-probs at sampling and update time must agree
+    # What the update's forwards run through: DDP under torchrun (the models themselves
+    # otherwise); sampling and scoring use the models, without gradients.
+    policy_net = distributed.wrap(policy, device)
+    value_net = distributed.wrap(ValueHead(value_model), device)
+    if world > 1:
+        torch.manual_seed(cfg.seed + distributed.rank())  # each rank samples its own
     optim = torch.optim.AdamW(
         [
             {"params": [p for p in policy.parameters() if p.requires_grad]},
@@ -232,7 +450,7 @@ def train_ppo(
         lr=cfg.learning_rate,
         eps=1e-5,
     )
-    ptx_order = list(ptx_texts)
+    ptx_order = list(ptx_texts) if cfg.ptx_coef > 0 else []
     ptx_cursor = 0
 
     history = []
@@ -247,118 +465,78 @@ def train_ppo(
     episodes, t_start = 0, time.perf_counter()
     try:
         for it in range(1, cfg.iterations + 1):
-            if stop is not None and stop.is_set():
+            if distributed.any_rank(stop is not None and stop.is_set()):
                 raise PPOStopped(f"PPO stopped before iteration {it}/{cfg.iterations}")
             # ------------------------------------------------------------ 1. rollout
             t0 = time.perf_counter()
             batch_prompts = [rng.choice(prompts) for _ in range(cfg.rollout_prompts)]
             if engine is not None and it > 1:
                 engine.sync(policy)  # the engine samples from the weights updated last
-            with autocast(device):
-                ro = rollout(policy, ref, tokenizer, batch_prompts, cfg, engine)
-            P, mask = ro.prompt_len, ro.mask  # mask: [B, R]
+            with autocast(device):  # this rank's share of the global batch
+                ro = rollout(policy, ref, tokenizer, distributed.shard(batch_prompts), cfg, engine)
             t1 = time.perf_counter()
 
-            # ------------------------------------------------------------ 2. reward
-            with torch.no_grad(), autocast(device):
-                scores = score_texts(
-                    reward_model, reward_tokenizer, ro.prompts, ro.texts
-                )  # [B], bias applied
-                values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
-                kl = (ro.logp - ro.ref_logp) * mask  # [B, R] per-token KL estimate
-                rewards = -cfg.kl_beta * kl
-                last = mask.sum(-1).long() - 1  # [B] index of the last response token
-                rewards[torch.arange(len(last), device=last.device), last] += scores
-
-                # -------------------------------------------------------- 3. GAE
-                advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-                advantages = masked_whiten(advantages, mask)
+            # ------------------------------------------------------------ 2. reward, 3. GAE
+            with autocast(device):
+                exp = experience(ro, reward_model, reward_tokenizer, value_model, cfg)
             t2 = time.perf_counter()
 
             # ------------------------------------------------------------ 4. update
-            stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "entropy": [], "ptx_loss": []}
-            B = ro.seq.shape[0]
+            stats: dict[str, list[float]] = {}
+            B = ro.seq.shape[0]  # this rank's episodes: rollout_prompts / world
             for _ in range(cfg.ppo_epochs):
-                for idx in torch.randperm(B).to(device).split(cfg.minibatch_size):
-                    mb_mask = mask[idx]
-                    with autocast(device):  # the forwards; backward runs in their dtypes
-                        logp, entropy = response_logprobs(
-                            policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
-                        )
-                        v_new = token_values(value_model, ro.seq[idx], ro.attn[idx], ro.pos[idx])
-                        v_new = v_new[:, P - 1 : -1]  # [b, R]
-                    ratio = torch.exp(logp - ro.logp[idx])
-                    adv = advantages[idx]
-                    pg_loss = masked_mean(
-                        torch.max(
-                            -adv * ratio,
-                            -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range),
-                        ),
-                        mb_mask,
-                    )
-                    v_old = values[idx]
-                    v_clipped = v_old + (v_new - v_old).clamp(
-                        -cfg.value_clip_range, cfg.value_clip_range
-                    )
-                    vf_loss = 0.5 * masked_mean(
-                        torch.max((v_new - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2),
-                        mb_mask,
-                    )
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-
-                    # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step.
-                    if cfg.ptx_coef > 0 and ptx_order:
-                        # A text is a whole document: it ends with EOS (so the policy
-                        # keeps learning where answers stop) and is kept up to a prompt's
-                        # and a response's length.
+                for idx in torch.randperm(B).to(device).split(cfg.minibatch_size // world):
+                    texts = []
+                    if ptx_order:  # this rank's share of the step's ptx batch
                         texts = [
-                            ptx_order[(ptx_cursor + j) % len(ptx_order)] + tokenizer.eos_token
+                            ptx_order[(ptx_cursor + j) % len(ptx_order)]
                             for j in range(cfg.ptx_batch_size)
                         ]
                         ptx_cursor += cfg.ptx_batch_size
-                        enc = tokenizer(
-                            texts,
-                            padding=True,
-                            truncation=True,
-                            max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                            return_tensors="pt",
-                        ).to(device)
-                        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                        with autocast(device):
-                            ptx_loss = policy(**enc, position_ids=pos, labels=labels).loss
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx_loss"].append(ptx_loss.item())
-
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
-                    optim.step()
-                    with torch.no_grad():
-                        stats["pg_loss"].append(pg_loss.item())
-                        stats["vf_loss"].append(vf_loss.item())
-                        clipped = ((ratio - 1).abs() > cfg.clip_range).float()
-                        stats["clipfrac"].append(masked_mean(clipped, mb_mask).item())
-                        stats["entropy"].append(masked_mean(entropy, mb_mask).item())
+                    step = ppo_step(
+                        policy=policy_net,
+                        value_head=value_net,
+                        optim=optim,
+                        ro=ro,
+                        exp=exp,
+                        idx=idx,
+                        cfg=cfg,
+                        tokenizer=tokenizer,
+                        ptx_texts=distributed.shard(texts),
+                    )
+                    for k, v in step.items():
+                        stats.setdefault(k, []).append(v)
             t3 = time.perf_counter()
 
             # ------------------------------------------------------------ logging
-            episodes += B
+            # Sums over the global batch: score, KL and reward per sequence, tokens, episodes.
+            totals = distributed.all_sum(
+                torch.stack(
+                    [
+                        exp.scores.sum(),
+                        exp.kl.sum(),
+                        exp.rewards.sum(),
+                        ro.mask.sum(),
+                        torch.tensor(float(B), device=ro.mask.device),
+                    ]
+                )
+            ).tolist()
+            n = totals[4]
+            episodes += int(n)
             timing["rollout_s"] += t1 - t0
             timing["scoring_s"] += t2 - t1
             timing["update_s"] += t3 - t2
             row = {
                 "iteration": it,
-                "score": scores.mean().item(),
-                "kl": kl.sum(-1).mean().item(),  # per sequence, summed over tokens
-                "reward": rewards.sum(-1).mean().item(),
-                "response_len": mask.sum(-1).mean().item(),
+                "score": totals[0] / n,
+                "kl": totals[1] / n,  # per sequence, summed over tokens
+                "reward": totals[2] / n,
+                "response_len": totals[3] / n,
                 "episodes_per_s": episodes / (time.perf_counter() - t_start),
                 **{k: sum(v) / len(v) for k, v in stats.items() if v},
             }
             history.append(row)
-            if it % cfg.log_every == 0 or it == cfg.iterations:
+            if distributed.is_main() and (it % cfg.log_every == 0 or it == cfg.iterations):
                 log.info(
                     "ppo it %d/%d score %.3f kl %.3f reward %.3f entropy %.2f clipfrac %.3f "
                     "vf_loss %.4f  %.1f episodes/s",
@@ -376,6 +554,8 @@ def train_ppo(
         if engine is not None:
             timing["weight_sync_s"] = engine.sync_s
             engine.close()
+    if not distributed.is_main():  # rank 0 alone saves
+        return {"iterations": cfg.iterations, "episodes": episodes, "history": history}
 
     # ---- save: a full checkpoint, or only the adapter
     out = Path(out_dir)

@@ -21,7 +21,9 @@ config as `reward_offset` and subtracted by every scoring function here.
 
 Device: the model lives where load_reward_model put it and every function here sends its
 inputs to `model.device`; train_reward_model runs its forward passes under bf16 autocast
-on CUDA (learner/device.py), and scores come back as float32 either way.
+on CUDA (learner/device.py), and scores come back as float32 either way. Under torchrun
+each rank trains its shard of every batch of prompts through DDP (reward_step) and rank 0
+alone sets the bias, evaluates and saves (learner/distributed.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from instructloop.learner import distributed
 from instructloop.learner.config import RewardConfig
 from instructloop.learner.dataset import Comparison, Demonstration
 from instructloop.learner.device import autocast
@@ -136,11 +139,28 @@ def token_values(
     return model.score(hidden).squeeze(-1).float() - offset  # [B, T], float32 under autocast
 
 
-def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward of each right-padded row, read at its last real token: [B]."""
-    values = token_values(model, input_ids, attention_mask)  # [B, T]
+class ValueHead(torch.nn.Module):
+    """token_values as a module's forward. The trainers call the RM and the value model
+    through it so that DDP (distributed.wrap) runs the forward whose gradients it syncs;
+    calling `model.base_model` and `model.score` directly would bypass DDP."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        return token_values(self.model, input_ids, attention_mask, position_ids)  # [B, T]
+
+
+def at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values [B, T] of right-padded rows, read at each row's last real token: [B]."""
     last = attention_mask.sum(-1) - 1  # [B]
     return values[torch.arange(values.shape[0], device=values.device), last]
+
+
+def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward of each right-padded row, read at its last real token: [B]."""
+    return at_last_token(token_values(model, input_ids, attention_mask), attention_mask)
 
 
 @torch.no_grad()
@@ -196,14 +216,16 @@ def pairwise_accuracy(
 # ---------------------------------------------------------------------------- training
 
 
-def kwise_step_loss(
-    model, tokenizer, batch: Sequence[Comparison], max_length: int
+def kwise_losses(
+    head, tokenizer, batch: Sequence[Comparison], max_length: int, device
 ) -> tuple[torch.Tensor, int]:
-    """Mean K-wise loss of a batch of prompts: every answer of every prompt in ONE forward."""
+    """K-wise loss of each prompt that has a pair ([n]) and the number of pairs: every
+    answer of every prompt in ONE forward of `head` (a ValueHead, or DDP around one)."""
     prompts = [c.prompt for c in batch for _ in c.answers]
     answers = [a for c in batch for a in c.answers]
-    enc = encode(tokenizer, prompts, answers, max_length).to(model.device)  # [sum K, T]
-    scores = end_scores(model, enc["input_ids"], enc["attention_mask"])  # [sum K]
+    enc = encode(tokenizer, prompts, answers, max_length).to(device)  # [sum K, T]
+    values = head(enc["input_ids"], enc["attention_mask"])  # [sum K, T]
+    scores = at_last_token(values, enc["attention_mask"])  # [sum K]
     losses, n_pairs, start = [], 0, 0
     for c in batch:
         loss, n = kwise_loss(scores[start : start + len(c.answers)], c.tiers)
@@ -211,7 +233,41 @@ def kwise_step_loss(
         if n:
             losses.append(loss)
             n_pairs += n
-    return torch.stack(losses).mean(), n_pairs
+    return torch.stack(losses), n_pairs
+
+
+def kwise_step_loss(
+    model, tokenizer, batch: Sequence[Comparison], max_length: int
+) -> tuple[torch.Tensor, int]:
+    """Mean K-wise loss of a batch of prompts: every answer of every prompt in ONE forward."""
+    losses, n_pairs = kwise_losses(ValueHead(model), tokenizer, batch, max_length, model.device)
+    return losses.mean(), n_pairs
+
+
+def reward_step(
+    head, optim, tokenizer, batch: Sequence[Comparison], cfg: RewardConfig, device
+) -> tuple[float, int]:
+    """One optimizer step on a GLOBAL batch of prompts (each with at least one pair).
+
+    The loss is the mean over the batch's prompts of their K-wise loss. Under torchrun
+    each rank forwards its shard and divides its SUM by the global prompt count over the
+    world size, so DDP's gradient average is the gradient of the global mean (a per-rank
+    mean would weigh a rank's prompts by 1/its own count). A rank whose shard is empty
+    (a last batch smaller than the world) still forwards one prompt, times 0: DDP's
+    all-reduce needs every rank's backward. Returns (the global mean loss, its pairs).
+    """
+    mine = distributed.shard(list(batch))
+    with autocast(device):  # the forward only: backward runs in the forward's dtypes
+        losses, _ = kwise_losses(head, tokenizer, mine or batch[:1], cfg.max_length, device)
+    if not mine:
+        losses = losses * 0.0
+    loss = losses.sum() / distributed.mean_denominator(len(mine))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
+    optim.step()
+    n_pairs = sum(len(pairs_from_tiers(c.tiers)) for c in batch)
+    return distributed.all_sum(loss.detach()).item() / distributed.world_size(), n_pairs
 
 
 def train_reward_model(
@@ -235,6 +291,7 @@ def train_reward_model(
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_reward_model(init_dir, device=device)
     model.train()
+    head = distributed.wrap(ValueHead(model), device)  # DDP under torchrun
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -256,17 +313,11 @@ def train_reward_model(
         order = list(usable)
         rng.shuffle(order)  # shuffle prompts; the pairs of one prompt stay together
         for i in range(0, len(order), cfg.batch_prompts):
-            with autocast(device):  # the forward only: backward runs in the forward's dtypes
-                loss, n_pairs = kwise_step_loss(
-                    model, tokenizer, order[i : i + cfg.batch_prompts], cfg.max_length
-                )
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optim.step()
+            batch = order[i : i + cfg.batch_prompts]
+            loss, n_pairs = reward_step(head, optim, tokenizer, batch, cfg, device)
             step += 1
             total_pairs += n_pairs
-            recent_loss.append(loss.item())
+            recent_loss.append(loss)
             if step % cfg.log_every == 0 or step == steps_per_epoch * cfg.epochs:
                 dt = time.perf_counter() - t0
                 log.info(
@@ -278,6 +329,8 @@ def train_reward_model(
                 )
     train_seconds = time.perf_counter() - t0
     model.eval()
+    if not distributed.is_main():  # rank 0 alone sets the bias, evaluates and saves
+        return {"steps": step, "pairs": total_pairs, "train_seconds": train_seconds}
 
     # ---- bias: demonstrations score mean 0 (before RL)
     if demonstrations:

@@ -41,6 +41,9 @@ A round that is abandoned (SIGTERM between phases) or killed leaves the state as
 the next start deletes the half-done round dir and redoes the round on the same data.
 The store makes a half-written version invisible; the dataset keeps every acknowledged
 record, so nothing is lost and nothing is counted twice.
+
+Under torchrun (learner/distributed.py) this runs on rank 0 alone; SFT, the RM and PPO
+(`_train`) run on every rank, each on its shard of the global batches.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from instructloop.learner import distributed
 from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SFTStepConfig
 from instructloop.learner.dataset import Dataset
 from instructloop.learner.gate import evaluate_gate
@@ -271,7 +275,14 @@ class Learner:
                 init, demos = base_dir, all_demos
             else:  # the serving policy, fine-tuned on the new ones
                 init = self._full_weights(serving, work)
-            sft_metrics = run_sft(self.sft_cfg, demos, init, work / "sft", stop, self.device)
+            sft_metrics = self._train(
+                run_sft,
+                stop,
+                cfg=self.sft_cfg,
+                demonstrations=demos,
+                init_dir=init,
+                out_dir=work / "sft",
+            )
             ref_dir = policy_start = work / "sft"
 
         # ---- 2. reward model: from the SFT policy on every comparison, or a warm start
@@ -284,14 +295,14 @@ class Learner:
                 rm_data = ds.comparisons("train", exclude_users=ex)
             else:
                 rm_init, rm_data, rm_demos = st.rm_dir or ref_dir, comparisons, new_demos
-            rm_metrics = train_reward_model(
-                self.rm_cfg,
-                rm_data,
-                rm_init,
-                rm_dir,
-                heldout,
-                all_demos,
-                device=self.device,
+            rm_metrics = self._train(
+                train_reward_model,
+                cfg=self.rm_cfg,
+                comparisons=rm_data,
+                init_dir=rm_init,
+                out_dir=rm_dir,
+                heldout=heldout,
+                demonstrations=all_demos,
                 ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
             )
             comparisons = rm_data  # what trained this round's RM
@@ -303,16 +314,16 @@ class Learner:
         prompts = ds.rl_prompts("train", exclude_users=ex)
         ptx = [d.prompt + d.text for d in all_demos]
         try:
-            ppo_metrics = train_ppo(
-                self.ppo_cfg,
-                prompts,
-                policy_start,
-                rm_dir,
-                work / "policy",
+            ppo_metrics = self._train(
+                train_ppo,
+                stop,
+                cfg=self.ppo_cfg,
+                prompts=prompts,
+                policy_dir=policy_start,
+                reward_dir=rm_dir,
+                out_dir=work / "policy",
                 ref_dir=ref_dir,
                 ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
-                stop=stop,
-                device=self.device,
             )
         except PPOStopped as e:
             shutil.rmtree(work, ignore_errors=True)
@@ -357,6 +368,7 @@ class Learner:
             "ppo_rollout_s": ppo_metrics["rollout_s"],
             "ppo_scoring_s": ppo_metrics["scoring_s"],
             "ppo_update_s": ppo_metrics["update_s"],
+            "train_ranks": distributed.world_size(),
             "excluded_users": len(left_out.users),
             "excluded_feedback": left_out.feedback,
             "users_suspended": len(suspended),
@@ -386,6 +398,16 @@ class Learner:
             gate["kl"],
         )
         return result
+
+    def _train(self, trainer, stop: threading.Event | None = None, **kwargs) -> dict:
+        """Run a trainer (run_sft, train_reward_model, train_ppo) on self.device. Under
+        torchrun every other rank runs it too, on its own device, with the arguments sent
+        from here (the round's data included; main.follow_rank0); this rank alone saves."""
+        if distributed.world_size() > 1:
+            distributed.send_order((trainer, kwargs))
+        if stop is not None:
+            kwargs["stop"] = stop
+        return trainer(**kwargs, device=self.device)
 
     def _commit(
         self,

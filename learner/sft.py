@@ -9,6 +9,10 @@ The data is TRL's prompt-completion format ({"prompt", "completion"}): the loss 
 completion only, EOS is appended by the trainer, and the prompt is the raw logged prompt
 text, the same text the server generated from and PPO samples from.
 
+Under torchrun the Trainer runs DDP in the process group distributed.py started: each rank
+takes batch_size / world of every global batch, and the loss is divided by the completion
+tokens of ALL ranks (the Trainer's average_tokens_across_devices); rank 0 alone saves.
+
 TRL (and `datasets`) take ~10 s to import on a busy 2-core machine, so they are imported
 inside run_sft, only when a round has demonstrations to learn from.
 """
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from instructloop.learner import distributed
 from instructloop.learner.config import SFTStepConfig
 from instructloop.learner.dataset import Demonstration
 
@@ -73,7 +78,7 @@ def run_sft(
             self.losses: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop is not None and stop.is_set():
+            if distributed.any_rank(stop is not None and stop.is_set()):  # every rank stops
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -90,11 +95,17 @@ def run_sft(
 
     progress = Progress()
     on_cuda = torch.device(device).type == "cuda"
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"--sft-batch-size {cfg.batch_size} must be a multiple of the {world} ranks"
+        )
     with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
         args = SFTConfig(
             output_dir=scratch,  # checkpoints are not kept: save_strategy "no"
             max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
+            per_device_train_batch_size=cfg.batch_size // world,  # global: cfg.batch_size
+            average_tokens_across_devices=True,  # the loss is a mean over ALL ranks' tokens
             learning_rate=cfg.learning_rate,
             max_length=cfg.max_length,
             seed=cfg.seed,
@@ -118,6 +129,8 @@ def run_sft(
         result = trainer.train()
         seconds = time.perf_counter() - progress.t0
         out = Path(out_dir)
+        if not distributed.is_main():  # rank 0 alone saves
+            return {"steps": result.global_step, "seconds": seconds}
         trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a version
     tokenizer.padding_side = "left"  # what the server and PPO expect of a policy dir
