@@ -11,15 +11,15 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import WatchError
 
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.redis_client import AsyncClient, is_cluster
 from instructloop.secretfile import load_secret
 from instructloop.store import Manifest, ModelStore
 from instructloop.v1 import admin_pb2, records_pb2
@@ -131,10 +131,11 @@ class Registry:
     checks an entry before a replica loads it: a version registered by hand in Redis,
     or an entry changed there, is refused."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, signing_key: bytes | None = None):
+    def __init__(self, redis: AsyncClient, keys: Keys, signing_key: bytes | None = None):
         self.redis = redis
         self.keys = keys
         self.signing_key = signing_key
+        self.cluster = is_cluster(redis)
         self._count_canary_judgement = redis.register_script(_COUNT_CANARY_JUDGEMENT)
         self._claim_canary_decision = redis.register_script(_CLAIM_CANARY_DECISION)
 
@@ -471,7 +472,7 @@ class Registry:
                 try:
                     await pipe.watch(*watch)
                     result = await body(pipe)
-                    if pipe.explicit_transaction:
+                    if len(pipe):  # the body queued a MULTI (both pipelines count it so)
                         await pipe.execute()
                     return result
                 except WatchError:
@@ -500,8 +501,37 @@ class Registry:
         )
 
     def _event(self, pipe, action: str, alias: str, version: str) -> None:
+        """Publish a RegistryEvent in the transaction. In a Redis Cluster it is sharded
+        pub/sub (SPUBLISH): the channel has the registry's hash tag, so it goes in the
+        same MULTI, and only the node of that slot carries it."""
         event = records_pb2.RegistryEvent(action=action, alias=alias, version=version, at=now_ts())
-        pipe.publish(self.keys.events, event.SerializeToString())
+        if self.cluster:
+            pipe.spublish(self.keys.events, event.SerializeToString())
+        else:
+            pipe.publish(self.keys.events, event.SerializeToString())
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Each RegistryEvent (serialized) as it is published, until the connection breaks
+        (the error is raised: a follower polls meanwhile, then listens again). Events sent
+        while nobody listens are lost; followers poll as well."""
+        if not self.cluster:
+            async with self.redis.pubsub() as pubsub:
+                await pubsub.subscribe(self.keys.events)
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        yield message["data"]
+            return
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.ssubscribe(self.keys.events)
+            while True:
+                message = await pubsub.get_sharded_message(
+                    ignore_subscribe_messages=True, timeout=1.0
+                )
+                if message is not None and message["type"] in ("smessage", b"smessage"):
+                    yield message["data"]
+        finally:
+            await pubsub.aclose()
 
     @staticmethod
     def _change(alias: str, old: str, new: str, actor: str) -> admin_pb2.AliasChange:

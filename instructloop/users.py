@@ -24,10 +24,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from instructloop.keys import Keys
+from instructloop.redis_client import AsyncClient
 from instructloop.v1 import admin_pb2
 
 APP, LABELER, ADMIN = "app", "labeler", "admin"
@@ -80,7 +80,7 @@ def check_user_id(user_id: str) -> None:
 
 
 class UserStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys):
+    def __init__(self, redis: AsyncClient, keys: Keys):
         self.redis = redis
         self.keys = keys
 

@@ -153,10 +153,13 @@ async def serve(cfg: ServerConfig) -> None:
         breaker_cooldown_s=cfg.redis_breaker_cooldown_s,
         prompt_cache_size=cfg.prompt_cache_size,
         max_batch=cfg.redis_max_batch,
+        min_replicas_ack=cfg.redis_min_replicas_ack,
+        replica_ack_timeout_s=cfg.redis_replica_ack_timeout_s,
     )
     try:
         for warning in await store.check_settings():
             log.warning("redis settings: %s", warning)
+        await store.migrate_layout()
     except RedisSettingsError as e:
         await store.close()
         if redis_proc is not None:
@@ -233,7 +236,8 @@ async def serve(cfg: ServerConfig) -> None:
             "For local experiments only."
         )
     rate = RateLimiter(
-        store.redis, Keys(cfg.redis_prefix).rate_prefix(), rate_limits, cfg.redis_timeout_s,
+        redis_url, store.redis, Keys(cfg.redis_prefix).rate_prefix(), rate_limits,
+        cfg.redis_timeout_s,
         on_unchecked=metrics.rate_unchecked.inc,
     )  # fmt: skip
     servicer = InstructLoopServicer(

@@ -161,8 +161,26 @@ class ServerConfig:
         default="",
         metadata={
             "secret": True,
-            "help": "Redis to log to, e.g. redis://host:6379/0. Empty: start an embedded "
-            "redis-server with AOF persistence in DATA_DIR/redis.",
+            "help": "Redis to log to: redis://[:PASSWORD@]host:6379/0 (rediss:// for TLS), "
+            "a Redis Cluster as redis+cluster://host:port[,host:port], or the primary of "
+            "Sentinels as redis+sentinel://host:26379[,host:port]/SERVICE. Empty: start an "
+            "embedded redis-server with AOF persistence in DATA_DIR/redis.",
+        },
+    )
+    redis_min_replicas_ack: int = field(
+        default=0,
+        metadata={
+            "help": "After storing feedback, WAIT until this many Redis replicas have it "
+            "before acknowledging; if fewer confirm within --redis-replica-ack-timeout-s the "
+            "call fails UNAVAILABLE (retryable: the write may or may not survive a "
+            "failover). For one Redis or Sentinel, not a Cluster. 0: off."
+        },
+    )
+    redis_replica_ack_timeout_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "How long the WAIT of --redis-min-replicas-ack waits, in seconds (less "
+            "than --redis-timeout-s)."
         },
     )
     embedded_redis_maxmemory: str = field(

@@ -46,15 +46,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from instructloop.keys import DATA_FIELD, Keys
+from instructloop.migrate import migrate_layout
+from instructloop.redis_client import connect_async, is_cluster
 from instructloop.v1 import api_pb2, records_pb2
 
 from .errors import AlreadyExists, NotFound, Unavailable
@@ -248,26 +245,28 @@ class LogStore:
         breaker_cooldown_s: float = 2.0,
         prompt_cache_size: int = 4096,
         max_batch: int = 256,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout_s: float = 1.0,
     ):
         self.keys = keys
         self.breaker = CircuitBreaker(cooldown_s=breaker_cooldown_s)
         self.prompt_ttl_s = prompt_ttl_s
         self.timeout_s = timeout_s
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,  # wait for a free connection at most this long
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-            health_check_interval=10,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        self.redis = connect_async(url, timeout_s=timeout_s, max_connections=max_connections)
+        self.cluster = is_cluster(self.redis)
+        if min_replicas_ack and self.cluster:
+            raise ValueError(
+                "--redis-min-replicas-ack is for one Redis or Sentinel, not a Redis Cluster"
+            )
+        if min_replicas_ack and not 0 < replica_ack_timeout_s < timeout_s:
+            raise ValueError(
+                f"--redis-replica-ack-timeout-s ({replica_ack_timeout_s:g}) must be more than 0 "
+                f"and less than --redis-timeout-s ({timeout_s:g})"
+            )
+        self.min_replicas_ack = min_replicas_ack
+        self.replica_ack_timeout_ms = int(replica_ack_timeout_s * 1000)
         self._submit = self.redis.register_script(_SUBMIT_FEEDBACK)
-        self._feedback = GroupCommit(
-            self._send_feedback, lambda call: self._submit(keys=call[0], args=call[1]), max_batch
-        )
+        self._feedback = GroupCommit(self._send_feedback, self._send_one_feedback, max_batch)
         self._prompts = GroupCommit(
             self._send_prompts, lambda record: self._send_prompts([record]), max_batch
         )
@@ -325,6 +324,15 @@ class LogStore:
         if got.get("maxmemory", "0") == "0":
             warnings.append("Redis has no maxmemory: it grows until the host runs out of memory")
         return warnings
+
+    async def migrate_layout(self) -> None:
+        """Move keys of the layout before hash tags to their new names (instructloop/
+        migrate.py). A Redis that does not answer is warned about and skipped: the keys
+        move at the next start."""
+        try:
+            await migrate_layout(self.redis, self.keys)
+        except RedisError as e:
+            log.warning("could not check for keys of the old layout (%s); not moved", e)
 
     async def ping(self) -> None:
         async with self.call("Redis is unreachable"):
@@ -406,10 +414,25 @@ class LogStore:
             f"{req.user_id!r} for different feedback ({fid}); use a new key"
         )
 
+    async def _send_one_feedback(self, call: tuple[list, list]):
+        """The round trip of one feedback call alone (group commit off)."""
+        if not self.min_replicas_ack:
+            return await self._submit(keys=call[0], args=call[1])
+        (result,) = await self._send_feedback([call])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     async def _send_feedback(self, calls: list[tuple[list, list]]) -> list:
         """The feedback scripts of a batch, in one pipeline of EVALSHAs (each script stays
         atomic). A Redis that does not have the script (restarted, flushed) answers those
-        calls NOSCRIPT, having run nothing: the script is loaded and they are sent again."""
+        calls NOSCRIPT, having run nothing: the script is loaded and they are sent again.
+
+        With min_replicas_ack, the pipeline ends with WAIT on the same connection: Redis
+        answers once that many replicas have the writes (or the timeout passed). If fewer
+        did, every call of the batch fails Unavailable: its write is on the primary and
+        may or may not survive a failover, and a retry with the same idempotency key is
+        safe either way (it is stored once, or answered as the duplicate it is)."""
         results: list = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
@@ -417,7 +440,20 @@ class LogStore:
                 for i in todo:
                     keys, args = calls[i]
                     pipe.evalsha(self._submit.sha, len(keys), *keys, *args)
+                if self.min_replicas_ack:
+                    pipe.execute_command("WAIT", self.min_replicas_ack, self.replica_ack_timeout_ms)
                 replies = await pipe.execute(raise_on_error=False)
+            if self.min_replicas_ack:
+                acked = replies.pop()
+                if isinstance(acked, Exception) or acked < self.min_replicas_ack:
+                    acked = "?" if isinstance(acked, Exception) else acked
+                    unsure = Unavailable(
+                        f"feedback written to the Redis primary, but {acked} of the "
+                        f"{self.min_replicas_ack} replicas required (--redis-min-replicas-ack) "
+                        f"confirmed it within {self.replica_ack_timeout_ms} ms: it may or may "
+                        "not survive a failover; retry with the same idempotency key"
+                    )
+                    replies = [r if isinstance(r, NoScriptError) else unsure for r in replies]
             missing = []
             for i, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from instructloop.keys import QUEUE_SKIPS_MAXLEN
 from instructloop.v1 import api_pb2, records_pb2
@@ -310,22 +311,27 @@ class LabelingQueue:
         share = self.cfg.queue_share
         return len(record.samples) >= 2 and share > 0 and random.random() < share
 
-    async def enqueue(self, pipe: Pipeline, record: records_pb2.PromptRecord) -> None:
+    async def enqueue(
+        self, pipe: Pipeline | ClusterPipeline, record: records_pb2.PromptRecord
+    ) -> None:
         """Add the item to `pipe`, the MULTI that logs its prompt (same TTL). Buffered:
         nothing is sent before the pipeline executes."""
         pid = record.prompt_id
-        await self._enqueue(
-            keys=[self.keys.queue_waiting, self.keys.queue_item(pid)],
-            args=[
-                pid,
-                record.user_id,
-                self.cfg.queue_overlap,
-                self.store.prompt_ttl_s * 1000,
-                self.cfg.queue_max,
-                self.keys.queue_item_prefix,
-            ],
-            client=pipe,
-        )
+        keys = [self.keys.queue_waiting, self.keys.queue_item(pid)]
+        args = [
+            pid,
+            record.user_id,
+            self.cfg.queue_overlap,
+            self.store.prompt_ttl_s * 1000,
+            self.cfg.queue_max,
+            self.keys.queue_item_prefix,
+        ]
+        if self.store.cluster:
+            # A cluster pipeline does not load scripts before its MULTI (a single Redis's
+            # does), and an EVALSHA the node lacks would fail the log call: send the text.
+            pipe.eval(_ENQUEUE, len(keys), *keys, *args)
+        else:
+            await self._enqueue(keys=keys, args=args, client=pipe)
 
     async def next_task(self, user_id: str) -> Lease:
         """Lease an item to user_id (or return its live lease); NotFound when none fits."""

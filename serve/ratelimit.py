@@ -8,7 +8,8 @@ Each kind of call has its own limits, written in `limits`' notation ("120/minute
   tasks     NextTask (the labeling queue), each call costing 1.
 
 The windows are moving windows (`limits`' MovingWindowRateLimiter: a Lua script per hit,
-atomic in Redis, so every replica shares one count). A refused call gets
+atomic in Redis, so every replica shares one count). Each window is one key, so in a
+Redis Cluster the windows spread over the masters. A refused call gets
 RESOURCE_EXHAUSTED and the trailing metadata `retry-after`: seconds until the oldest
 counted hit leaves its window. Bound: one Redis list per (user, limit), at most the
 limit's amount long, expiring with its window.
@@ -24,10 +25,11 @@ import logging
 import math
 import time
 
-import redis.asyncio as aioredis
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+
+from instructloop.redis_client import AsyncClient, parse_redis_url
 
 from .errors import ResourceExhausted
 
@@ -62,18 +64,36 @@ class OverLimit(ResourceExhausted):
 class RateLimiter:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        url: str,
+        redis: AsyncClient,
         prefix: str,
         limits: dict[str, list[RateLimitItem]],
         timeout_s: float,
         on_unchecked=lambda: None,
     ):
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            key_prefix=prefix,
-            connection_pool=redis.connection_pool,
-        )
+        """url: the --redis-url. One Redis: the limiter shares `redis`'s connection pool.
+        A cluster or Sentinel: `limits` makes its own client from the same URL (its
+        schemes are ours with "async+" in front), with the same timeouts."""
+        target = parse_redis_url(url)
+        if target.kind == "single":
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                key_prefix=prefix,
+                connection_pool=redis.connection_pool,
+            )
+        else:
+            storage_class = (
+                RedisClusterStorage if target.kind == "cluster" else RedisSentinelStorage
+            )
+            storage = storage_class(
+                target.limits_url,
+                implementation="redispy",
+                key_prefix=prefix,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                **({"use_replicas": False} if target.kind == "sentinel" else {}),
+            )
         self._limiter = MovingWindowRateLimiter(storage)
         self.limits = limits
         self.timeout_s = timeout_s
