@@ -146,6 +146,21 @@ class Engine(abc.ABC):
     def shutdown(self) -> None: ...
 
 
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The conversation through the tokenizer's chat template, as prompt text that
+    encode() turns into what the model saw in training. Templates of Llama 3, Mistral
+    and Gemma write BOS themselves, and their tokenizers add it to every text too: the
+    template's BOS is left out here, or the model would see two (everything downstream,
+    the learner included, encodes the logged prompt text with the tokenizer's own BOS)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return _render_plain(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.encode("")[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
 def _render_plain(messages: list[dict[str, str]]) -> str:
     """Fallback for tokenizers without a chat template."""
     lines = [f"{m['role']}: {m['content']}" for m in messages]
@@ -244,11 +259,7 @@ class VllmEngine(Engine):
         return list(self._tokenizer.encode(text))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self._tokenizer, "chat_template", None):
-            return self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        return _render_plain(messages)
+        return render_chat(self._tokenizer, messages)
 
     # ---- admission --------------------------------------------------------------------
 
