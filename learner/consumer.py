@@ -1,7 +1,8 @@
 """Consume the prompts and feedback streams into the learner's dataset without loss.
 
-Both streams are read through one Redis consumer group. An entry is acknowledged (XACK)
-only after its record is committed to the dataset (dataset.py), so:
+Both streams are read through one Redis consumer group, each stream with its own
+XREADGROUP and XAUTOCLAIM calls (so a Redis Cluster may hold them anywhere). An entry is
+acknowledged (XACK) only after its record is committed to the dataset (dataset.py), so:
   - a learner killed before the commit leaves the entry pending: it is delivered again;
   - a learner killed after the commit but before the XACK gets it again too, and the
     idempotent insert (primary key prompt_id / feedback_id) stores it once.
@@ -31,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner.dataset import Dataset
+from instructloop.redis_client import SyncClient
 from instructloop.v1 import records_pb2
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def _stream_id(value: bytes | str) -> tuple[int, int]:
 class StreamConsumer:
     """Moves entries from the two streams into a Dataset: persist first, then XACK."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, dataset: Dataset, cfg: ConsumerConfig):
+    def __init__(self, client: SyncClient, keys: Keys, dataset: Dataset, cfg: ConsumerConfig):
         self.r = client
         self.keys = keys
         self.dataset = dataset
@@ -235,16 +237,30 @@ class StreamConsumer:
         """
         stats = ConsumeStats()
         block_ms = self.cfg.block_ms if block_ms is None else block_ms
+        for stream in self.streams:
+            stats.add(self._read_new(stream, block_ms=None))
+        if stats.entries or not block_ms:
+            return stats
+        # Nothing new: wait on each stream in turn, for a share of block_ms each.
+        for stream in self.streams:
+            stats.add(self._read_new(stream, block_ms=max(1, block_ms // len(self.streams))))
+            if stats.entries:
+                break
+        return stats
+
+    def _read_new(self, stream: str, block_ms: int | None) -> ConsumeStats:
+        """One XREADGROUP of one stream's new entries, persisted and acknowledged. Each
+        stream has its own call: a Redis Cluster refuses one call over keys of several
+        slots (these share one, but nothing here should depend on it)."""
         resp = self.r.xreadgroup(
             self.cfg.group,
             self.cfg.consumer,
-            {s: ">" for s in self.streams},
+            {stream: ">"},
             count=self.cfg.batch_size,
-            block=block_ms or None,  # BLOCK 0 would wait forever; None does not block
+            block=block_ms,  # BLOCK 0 would wait forever; None does not block
         )
-        for stream, entries in resp or []:
-            stats.add(self._persist_and_ack(_str(stream), entries))
-        return stats
+        entries = resp[0][1] if resp else []
+        return self._persist_and_ack(stream, entries)
 
     def drain(self) -> ConsumeStats:
         """Recover, then read until both streams have nothing new (no blocking at the end)."""

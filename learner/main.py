@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-import redis.asyncio as aioredis
 
 from instructloop.keys import Keys
 from instructloop.learner import distributed
@@ -59,7 +58,9 @@ from instructloop.learner.device import resolve_device
 from instructloop.learner.lease import LearnerLease
 from instructloop.learner.ppo import PPOStopped
 from instructloop.learner.rounds import Learner, RoundAbandoned
+from instructloop.migrate import migrate_layout
 from instructloop.redact import redact_url
+from instructloop.redis_client import connect_async, connect_sync
 from instructloop.registry import Registry, load_registry_key, prune_versions
 from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
@@ -113,9 +114,16 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
             split_salt=load_secret(salt_file, "split salt"),
         )
     )
-    client = redis.Redis.from_url(cfg.resolved_redis_url)
+    # Timeouts: a Redis that stops answering fails a call (retried by the loops below)
+    # instead of hanging the learner; longer than the consumer's XREADGROUP BLOCK.
+    timeout_s = 10.0 + cfgs.consumer.block_ms / 1000
+    client = connect_sync(cfg.resolved_redis_url, timeout_s=timeout_s)
     loop = asyncio.new_event_loop()
-    aclient = aioredis.Redis.from_url(cfg.resolved_redis_url)
+    aclient = connect_async(cfg.resolved_redis_url, timeout_s=timeout_s)
+    try:  # the old layout's keys move before the consumer groups are made
+        loop.run_until_complete(migrate_layout(aclient, keys))
+    except redis.RedisError as e:
+        log.warning("could not check for keys of the old layout (%s); not moved", e)
     store = ModelStore(cfg.model_store, max_bytes=int(cfg.store_max_gib * 2**30))
     key_file = cfg.registry_key_file or str(secrets_dir / "registry-key")
     learner = Learner(
