@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
 
 from benchlib import write_result  # noqa: E402  (bench/ is on sys.path as a script)
 
+from instructloop.keys import Keys  # noqa: E402
+
 PREFIX = "bench-queue"
 TOKEN = "bench-admin-token"
 PROMPT = "sort: d b a c\n"
@@ -84,7 +86,7 @@ async def _prepare(clients, redis, direct: list[str], app: str, n: int) -> dict[
         return [await clients[user].generate(PROMPT, **SAMPLING) for _ in range(count)]
 
     own = await asyncio.gather(*(generate(u, k) for u, k in zip(direct, per, strict=True)))
-    stale = [k async for k in redis.scan_iter(f"{PREFIX}:queue:*")]
+    stale = [k async for k in redis.scan_iter(f"{Keys(PREFIX).data_tag}:queue:*")]
     if stale:
         await redis.delete(*stale)
     await asyncio.gather(*(generate(app, n // 4 + (i < n % 4)) for i in range(4)))

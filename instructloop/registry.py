@@ -220,7 +220,9 @@ class Registry:
         await self.get(version)
 
         async def move(pipe) -> admin_pb2.AliasChange:
-            if auto and await pipe.exists(self.keys.freeze):
+            # GET, not EXISTS: redis-py's cluster pipeline splits EXISTS by slot and
+            # returns itself, unawaited, while watching.
+            if auto and await pipe.get(self.keys.freeze) is not None:
                 raise Frozen("automatic promotion is frozen by an operator")
             old = await self._watched_alias(pipe, CURRENT)
             if old == version:

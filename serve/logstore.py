@@ -62,14 +62,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# KEYS: prompt, judgement, idempotency ('' when none), feedback stream, and the labeling
-#       queue's waiting set, leases, the judge's lease pointer, the prompt's item
-# ARGV: feedback id, record bytes, content hash, judge ('' unless a comparison), prompt id
+# KEYS: prompt, judgement, idempotency (the judgement again when none: a cluster routes
+#       by every key, so none may be ''), feedback stream, and the labeling queue's
+#       waiting set, leases, the judge's lease pointer, the prompt's item
+# ARGV: feedback id, record bytes, content hash, judge ('' unless a comparison), prompt id,
+#       '1' if KEYS[3] is an idempotency key
 # Reply: {status, feedback id, the queue's close status ('' when not run)}
 _SUBMIT_FEEDBACK = (
     CLOSE_TASK_LUA
     + """
-local idem = KEYS[3]
+local idem = ''
+if ARGV[6] == '1' then idem = KEYS[3] end
 if idem ~= '' then
   local prev = redis.call('GET', idem)
   if prev then
@@ -373,13 +376,16 @@ class LogStore:
 
     async def submit_feedback(self, record: records_pb2.FeedbackRecord) -> FeedbackResult:
         req = record.feedback
-        idem = (
-            self.keys.idempotency(req.user_id, req.idempotency_key) if req.idempotency_key else ""
-        )
         kind = judgement_kind(req)
+        judgement = self.keys.judgement(req.prompt_id, req.user_id, kind)
+        idem = (
+            self.keys.idempotency(req.user_id, req.idempotency_key)
+            if req.idempotency_key
+            else judgement
+        )
         keys = [
             self.keys.prompt(req.prompt_id),
-            self.keys.judgement(req.prompt_id, req.user_id, kind),
+            judgement,
             idem,
             self.keys.feedback_stream,
             self.keys.queue_waiting,
@@ -394,6 +400,7 @@ class LogStore:
             content_hash(req),
             judge,
             req.prompt_id,
+            "1" if req.idempotency_key else "",
         ]
         async with self.call("could not store feedback in Redis"):
             status, fid, task = await self._feedback.submit((keys, args))
@@ -439,7 +446,9 @@ class LogStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
                     keys, args = calls[i]
-                    pipe.evalsha(self._submit.sha, len(keys), *keys, *args)
+                    # execute_command: redis-py's cluster pipeline blocks its evalsha()
+                    # method, not the command, which it routes by KEYS like any other.
+                    pipe.execute_command("EVALSHA", self._submit.sha, len(keys), *keys, *args)
                 if self.min_replicas_ack:
                     pipe.execute_command("WAIT", self.min_replicas_ack, self.replica_ack_timeout_ms)
                 replies = await pipe.execute(raise_on_error=False)
@@ -467,4 +476,7 @@ class LogStore:
         return results
 
     async def close(self) -> None:
-        await self.redis.aclose(close_connection_pool=True)
+        if self.cluster:
+            await self.redis.aclose()  # closes every node's connections
+        else:
+            await self.redis.aclose(close_connection_pool=True)

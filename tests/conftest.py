@@ -1,7 +1,11 @@
 """Shared fixtures: real parts only.
 
 - `tiny_model`: a random-init policy built locally (no downloads), once per session.
-- `redis_server`: a real redis-server on an ephemeral loopback port with AOF.
+- `redis_server`: a real redis-server on an ephemeral loopback port with AOF. A module
+  that sets `pytestmark = pytest.mark.redis_kinds("single", "cluster")` runs its tests
+  twice, the second time with `redis_server` a real 3-master Redis Cluster
+  (`redis_cluster`, tests/redis_cluster.py; same `.url` and `.client()`). Tests that start
+  the server (vLLM) stay on the single Redis: one engine per Redis is enough.
 - `server`: the real instructloop server as a subprocess (real vLLM engine on CPU),
   started once per session against `redis_server`.
 """
@@ -76,11 +80,43 @@ def saved_dtypes(checkpoint: Path) -> tuple[set[str], str]:
     return tensors, json.loads((checkpoint / "config.json").read_text())["dtype"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "redis_kinds(*kinds): run with redis_server as each kind (single, cluster)"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("redis_kinds")
+    if marker is None or "redis_server" not in metafunc.fixturenames:
+        return
+    kinds = list(marker.args)
+    if {"server", "queue_server"} & set(metafunc.fixturenames):
+        kinds = ["single"]  # a vLLM server: not started once more per kind
+    metafunc.parametrize("redis_server", kinds, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
+def redis_server(request, tmp_path_factory):
+    if getattr(request, "param", "single") == "cluster":
+        yield request.getfixturevalue("redis_cluster")
+        return
     r = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port()).start()
     yield r
     r.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real Redis Cluster of 3 masters (skipped without redis-server 7)."""
+    from redis_cluster import RedisClusterNodes, redis7
+
+    binary = redis7()
+    if binary is None:
+        pytest.skip("a Redis Cluster needs redis-server 7 (apt-get install redis-server)")
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("cluster"), binary).start()
+    yield cluster
+    cluster.stop()
 
 
 @dataclass

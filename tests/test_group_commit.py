@@ -18,6 +18,8 @@ from instructloop.serve.errors import AlreadyExists, NotFound, Unavailable
 from instructloop.serve.logstore import LogStore, PromptCache
 from instructloop.v1 import api_pb2, records_pb2
 
+pytestmark = pytest.mark.redis_kinds("single", "cluster")
+
 
 def _prompt(prompt_id: str) -> records_pb2.PromptRecord:
     record = records_pb2.PromptRecord(prompt_id=prompt_id, prompt="sort: b a\n", version="v0")

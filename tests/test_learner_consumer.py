@@ -30,8 +30,13 @@ from instructloop.secretfile import load_secret
 SALT = b"a test split salt, not secret"  # the deployment's comes from its salt file
 
 
-@pytest.fixture
-def redis_server(tmp_path):
+@pytest.fixture(params=["single", "cluster"])
+def redis_server(request, tmp_path):
+    """A fresh redis-server per test, or the session's Redis Cluster (conftest.py; every
+    test uses its own prefix)."""
+    if request.param == "cluster":
+        yield request.getfixturevalue("redis_cluster")
+        return
     server = EmbeddedRedis(tmp_path / "redis", port=free_port()).start()
     yield server
     server.stop()
@@ -186,13 +191,14 @@ def test_pending_entries_are_redelivered_after_a_crash_before_persist(tmp_path, 
 
 KILLED_CONSUMER = textwrap.dedent(
     """
-    import sys, time, pathlib, redis
+    import sys, time, pathlib
     from instructloop.keys import Keys
+    from instructloop.redis_client import connect_sync
     from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
     from instructloop.learner.dataset import Dataset, DatasetConfig
 
     url, prefix, db, marker = sys.argv[1:5]
-    client = redis.Redis.from_url(url)
+    client = connect_sync(url, timeout_s=10)
     real_xack = client.xack
 
     def xack_then_hang(stream, group, *ids):

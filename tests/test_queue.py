@@ -56,7 +56,7 @@ def queue_server(tiny_model, redis_server, tmp_path_factory):
 def db(redis_server, queue_server):
     """The Redis, with an empty labeling queue."""
     r = redis.Redis.from_url(redis_server.url)
-    stale = list(r.scan_iter(f"{PREFIX}:queue:*"))
+    stale = list(r.scan_iter(f"{KEYS.data_tag}:queue:*"))
     if stale:
         r.delete(*stale)
     yield r
@@ -300,6 +300,7 @@ def _record(pid: str) -> records_pb2.PromptRecord:
     return r
 
 
+@pytest.mark.redis_kinds("single", "cluster")
 def test_the_queue_is_bounded_and_expires_with_its_prompts(redis_server):
     """--queue-max drops the oldest items (with their hashes); an item leaves with its
     prompt's TTL; a prompt with one sample is never enqueued."""

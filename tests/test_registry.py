@@ -8,21 +8,22 @@ import asyncio
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
 from instructloop.keys import Keys
+from instructloop.redis_client import connect_async
 from instructloop.registry import CANARY_DECISION_LEASE_MS, DEFAULT_MIN_USERS, Registry
 from instructloop.v1 import admin_pb2, api_pb2, records_pb2
 from serve.arena import canary_outcome
 
 WIN, LOSS, TIE = 1, -1, 0
+pytestmark = pytest.mark.redis_kinds("single", "cluster")
 
 
 async def _replicas(url: str, count: int, **canary) -> list[Registry]:
     """`count` registries on their own connections, as `count` server replicas hold them,
     over a fresh prefix where v0 is current and v1 the canary with thresholds `canary`."""
     prefix = f"reg-{uuid.uuid4().hex[:8]}"
-    replicas = [Registry(aioredis.Redis.from_url(url), Keys(prefix)) for _ in range(count)]
+    replicas = [Registry(connect_async(url, timeout_s=10), Keys(prefix)) for _ in range(count)]
     first = replicas[0]
     for vid in ("v0", "v1", "v2"):
         await first.register(admin_pb2.VersionInfo(id=vid, kind="full"), actor="test")

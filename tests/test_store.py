@@ -287,18 +287,18 @@ def test_a_publish_over_the_bound_fails_clearly_and_leaves_nothing(tmp_path, v1,
     assert store.verify("v1").checksum == v1.checksum
 
 
+@pytest.mark.redis_kinds("single", "cluster")
 def test_retention_keeps_the_newest_the_alias_targets_and_what_loras_need(tmp_path, redis_server):
     import asyncio
 
-    import redis.asyncio as aioredis
-
     from instructloop.keys import Keys
+    from instructloop.redis_client import connect_async
     from instructloop.registry import Registry, RegistryError, prune_versions, publish_version
 
     store = ModelStore(tmp_path / "store")
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
+        client = connect_async(redis_server.url, timeout_s=10)
         registry = Registry(client, Keys("retention"))
         try:
             ids = []
