@@ -6,7 +6,13 @@ stubs and return the response messages unchanged. Errors are the `grpc.RpcError`
 server raised; `code()` and `details()` say what went wrong.
 
 Retries are gRPC's own (a retryPolicy in the channel's service config): a call that
-fails with UNAVAILABLE is retried with exponential backoff inside one deadline. Feedback
+fails with UNAVAILABLE is retried with exponential backoff inside one deadline.
+
+A target may name one server or load balancer (`host:50051`) or several replicas:
+`ipv4:10.0.0.1:50051,10.0.0.2:50051` or `dns:///replicas.example:50051` (every address
+the name resolves to). Calls go round robin over the addresses; with several addresses
+(or health_check=True) a replica that reports NOT_SERVING, as one does while a
+full-weight swap drains it, gets no new calls until it serves again. Feedback
 calls always carry an idempotency key (one uuid4 per call when none is given), so a
 retried SubmitFeedback is recorded once.
 
@@ -121,6 +127,7 @@ class Client(_Base):
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        health_check: bool | None = None,
     ) -> None:
         """Connect lazily to target (default: $INSTRUCTLOOP_TARGET or localhost:50051).
 
@@ -129,10 +136,15 @@ class Client(_Base):
         mode); timeout is the default deadline in seconds of each call (None: no
         deadline); max_attempts bounds gRPC's retries on UNAVAILABLE (at most 5);
         metadata is sent with every call; credentials make the channel a TLS channel
-        (default: TLS trusting $INSTRUCTLOOP_TLS_CA when it is set, see tls_credentials).
+        (default: TLS trusting $INSTRUCTLOOP_TLS_CA when it is set, see tls_credentials);
+        health_check: skip replicas that report NOT_SERVING (default: when the target
+        names several addresses; pass True for `dns:///` of a headless service, never
+        for one load-balanced address).
         """
         super().__init__(target, timeout, max_attempts, metadata, token)
-        options = wire.channel_options(max_attempts)
+        if health_check is None:
+            health_check = wire.several_addresses(self.target)
+        options = wire.channel_options(max_attempts, health_check)
         credentials = credentials or tls_credentials()
         if credentials is None:
             self.channel = grpc.insecure_channel(self.target, options=options)
@@ -336,10 +348,13 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        health_check: bool | None = None,
     ) -> None:
         """Same arguments as Client. Create it inside the event loop that will use it."""
         super().__init__(target, timeout, max_attempts, metadata, token)
-        options = wire.channel_options(max_attempts)
+        if health_check is None:
+            health_check = wire.several_addresses(self.target)
+        options = wire.channel_options(max_attempts, health_check)
         credentials = credentials or tls_credentials()
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(self.target, options=options)

@@ -23,11 +23,23 @@ RankItem = str | Sequence[str]
 # --- channel setup --------------------------------------------------------------------
 
 
-def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
-    """Channel options with gRPC's built-in retry on UNAVAILABLE.
+def several_addresses(target: str) -> bool:
+    """Whether a target names several servers itself (`ipv4:10.0.0.1:50051,10.0.0.2:50051`),
+    rather than one address that may be a load balancer."""
+    return "," in target
 
-    gRPC caps maxAttempts at 5 and needs at least 2 for a retryPolicy; with
-    max_attempts <= 1 calls are not retried.
+
+def channel_options(max_attempts: int, health_check: bool = False) -> list[tuple[str, Any]]:
+    """Channel options: round_robin over every address the target resolves to, gRPC's
+    built-in retry on UNAVAILABLE, and with health_check gRPC's client-side health
+    checking: a replica that reports NOT_SERVING for the public service (as one does
+    while a full-weight swap drains it) gets no new calls until it serves again.
+
+    Health checking is for targets that name the replicas themselves (several
+    addresses, or `dns:///` of a headless service); behind one load-balanced address a
+    single replica's NOT_SERVING would stop the whole channel. gRPC caps maxAttempts at
+    5 and needs at least 2 for a retryPolicy; with max_attempts <= 1 calls are not
+    retried.
     """
     method_config: dict[str, Any] = {"name": [{"service": SERVICE}]}
     if max_attempts >= 2:
@@ -38,9 +50,15 @@ def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
+    service_config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [method_config],
+    }
+    if health_check:
+        service_config["healthCheckConfig"] = {"serviceName": SERVICE}
     return [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps({"methodConfig": [method_config]})),
+        ("grpc.service_config", json.dumps(service_config)),
         # Many samples with logprobs can exceed the 4 MiB default.
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]

@@ -7,6 +7,7 @@ also observed in instructloop_request_tokens_per_second.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
@@ -105,14 +106,23 @@ class Metrics:
         that cannot check grpc.health, as HAProxy 2.6 cannot)."""
         if not port:
             return
-        server_class = type(
-            "MetricsServer",
-            (ThreadingHTTPServer,),
-            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
-        )
-        server = server_class((host, port), _handler(self.registry, serving))
-        server.daemon_threads = True
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = _HTTPServer((host, port), _handler(self.registry, serving), family)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, family: int) -> None:
+        self.address_family = family
+        super().__init__(address, handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """Health checkers close at once once they have the status (HAProxy resets the
+        connection): not worth a traceback each second. Anything else still gets one."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler(registry: CollectorRegistry, serving: Callable[[], bool] | None) -> type:
