@@ -142,8 +142,9 @@ def measure_server(args, model: Path, work: Path, variants: dict) -> dict:
 
     redis = EmbeddedRedis(work / "redis", port=free_port()).start()
     store_dir = work / "store"
+    # One server, no balancer: the swap itself, without the grace a balancer needs.
     extra = ("--enable-lora", "--model-store", str(store_dir), "--admin-token", TOKEN,
-             "--poll-interval-s", "5")  # fmt: skip
+             "--poll-interval-s", "5", "--swap-drain-grace-s", "0")  # fmt: skip
     (server,) = start_servers(model, redis.url, [work / "server"], PREFIX, *extra)
     result: dict = {"swaps": []}
     try:
