@@ -108,7 +108,8 @@ class LearnerConfig:
             "help": "Where SFT, the reward model, PPO and the gate run: 'auto' (cuda when "
             "available, else cpu), 'cpu', 'cuda' or 'cuda:N' (SFT's Trainer picks its own "
             "GPU). On CUDA forward passes use bf16 autocast; weights and checkpoints stay "
-            "float32, as on CPU."
+            "float32, as on CPU. Under torchrun a CUDA device means cuda:LOCAL_RANK on "
+            "each rank (learner/distributed.py)."
         },
     )
 

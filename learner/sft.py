@@ -35,6 +35,32 @@ from instructloop.learner.dataset import Demonstration
 log = logging.getLogger(__name__)
 
 
+def trainer_args(cfg: SFTStepConfig, output_dir: str, on_cuda: bool, **overrides):
+    """The SFTConfig run_sft trains with (overrides: for tests). Under torchrun each rank
+    takes batch_size / world of every global batch, and the loss divides by the tokens of
+    all ranks (average_tokens_across_devices), not each rank's own."""
+    from trl import SFTConfig
+
+    fields = dict(
+        output_dir=output_dir,  # checkpoints are not kept: save_strategy "no"
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size // distributed.world_size(),
+        average_tokens_across_devices=True,
+        learning_rate=cfg.learning_rate,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+        gradient_checkpointing=False,  # tiny models: recomputation only costs time
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return SFTConfig(**{**fields, **overrides})
+
+
 def run_sft(
     cfg: SFTStepConfig,
     demonstrations: Sequence[Demonstration],
@@ -54,7 +80,7 @@ def run_sft(
     from datasets import Dataset as HFDataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     if not demonstrations:
         raise ValueError("SFT needs at least one demonstration")
@@ -101,23 +127,7 @@ def run_sft(
             f"--sft-batch-size {cfg.batch_size} must be a multiple of the {world} ranks"
         )
     with tempfile.TemporaryDirectory(prefix="sft-trainer-") as scratch:
-        args = SFTConfig(
-            output_dir=scratch,  # checkpoints are not kept: save_strategy "no"
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size // world,  # global: cfg.batch_size
-            average_tokens_across_devices=True,  # the loss is a mean over ALL ranks' tokens
-            learning_rate=cfg.learning_rate,
-            max_length=cfg.max_length,
-            seed=cfg.seed,
-            logging_steps=cfg.logging_steps,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not on_cuda,
-            bf16=on_cuda,
-            gradient_checkpointing=False,  # tiny models: recomputation only costs time
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+        args = trainer_args(cfg, scratch, on_cuda)
         trainer = SFTTrainer(
             model=model,
             args=args,

@@ -1,14 +1,16 @@
-"""One reward-model step and one PPO update on a fixed global batch: in one process, or
-under torchrun (each rank its shard). Rank 0 saves the gradients, the updated weights
-and every rank's count of what the losses are means over, for test_learner_distributed.py
-to compare.
+"""A reward-model step, a PPO update and an SFT step on fixed global batches: in one
+process, or under torchrun (each rank its shard). Rank 0 saves the gradients, the updated
+weights and every rank's count of what the losses are means over, for
+test_learner_distributed.py to compare.
 
     python tests/ddp_step.py MODEL_DIR OUT.pt
     torchrun --nproc_per_node 2 ... tests/ddp_step.py MODEL_DIR OUT.pt
 
 The shards are deliberately unequal: with two ranks, rank 0 holds two of the RM's three
-prompts and the long PPO responses and ptx texts, rank 1 the rest. A loss averaged per
-rank and then over ranks would then differ from the global mean.
+prompts and the long PPO responses and ptx texts, rank 1 the rest; a second RM step has
+one prompt, so rank 1's shard is empty; one of SFT's four demonstrations is much longer
+than the others. A loss averaged per rank and then over ranks would differ from the
+global mean.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ RESPONSES = [  # ranks 0 and 1 alternate: rank 0 gets the long ones
     " WORD is the answer to this question as you asked",
     " a",
 ]
+DEMONSTRATIONS = [  # SFT's global batch of 4: whichever rank gets the first has more tokens
+    ("sort: d c b a e f g h", " a b c d e f g h and a long explanation of how it was sorted"),
+    ("upper: a", " A"),
+    ("reverse: ab", " ba"),
+    ("sort: b a", " a b"),
+]
 PTX = ["sort: c b a a b c and a long demonstration text to learn from", "upper: x X"]
 
 
@@ -50,6 +58,29 @@ def grads_and_weights(named) -> tuple[dict, dict]:
             grads[name] = p.grad.detach().clone()
             weights[name] = p.detach().clone()
     return grads, weights
+
+
+def sft_step(model_dir: str) -> dict:
+    """The weight change of one SGD step of TRL's SFTTrainer with run_sft's arguments."""
+    import tempfile
+
+    from datasets import Dataset as HFDataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    from instructloop.learner.config import SFTStepConfig
+    from instructloop.learner.sft import trainer_args
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = HFDataset.from_list([{"prompt": p, "completion": c} for p, c in DEMONSTRATIONS])
+    cfg = SFTStepConfig(max_steps=1, batch_size=4, learning_rate=0.1, max_length=64)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = trainer_args(cfg, scratch, on_cuda=False, optim="sgd", max_grad_norm=NO_CLIP)
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 
 def main(model_dir: str, out: str) -> None:
@@ -71,6 +102,9 @@ def main(model_dir: str, out: str) -> None:
     counts = torch.zeros(world)
     counts[rank] = len(distributed.shard(COMPARISONS))
     result["rm_prompts_per_rank"] = distributed.all_sum(counts).tolist()
+    # A batch smaller than the world: rank 1 forwards a prompt times 0 (DDP needs its backward).
+    reward_step(head, optim, tokenizer, COMPARISONS[1:2], rm_cfg, "cpu")
+    result["rm_small_batch_grads"], _ = grads_and_weights(rm.named_parameters())
 
     # ---- one PPO update (+ ptx) on the 4 episodes
     torch.manual_seed(0)
@@ -107,6 +141,9 @@ def main(model_dir: str, out: str) -> None:
     counts = torch.zeros(world)
     counts[rank] = ro.mask.sum()
     result["ppo_tokens_per_rank"] = distributed.all_sum(counts).tolist()
+
+    # ---- one SFT step with run_sft's Trainer arguments (SGD, no clipping)
+    result["sft_updates"] = sft_step(model_dir)
     if distributed.is_main():
         torch.save(result, out)
     distributed.close()

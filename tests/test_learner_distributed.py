@@ -1,8 +1,9 @@
 """The learner under torchrun: 2 ranks on gloo (CPU), real processes, the tiny model.
 
-- Two ranks take the same reward-model step and the same PPO update (with PPO-ptx) as one
-  process on the same global batch, although their shards hold unequal numbers of prompts
-  and of valid tokens (tests/ddp_step.py): the losses are means over the GLOBAL batch.
+- Two ranks take the same reward-model steps, the same PPO update (with PPO-ptx) and the
+  same SFT step as one process on the same global batches, although their shards hold
+  unequal numbers of prompts and of valid tokens (tests/ddp_step.py): the losses are means
+  over the GLOBAL batch.
 - `instructloop learn` under torchrun: rank 0 alone consumes the streams and publishes;
   rank 1 trains (SFT, RM, PPO) on rank 0's orders and exits when rank 0 is done.
 """
@@ -39,7 +40,7 @@ def run_checked(cmd: list[str], timeout: float) -> str:
     return proc.stderr
 
 
-def test_two_ranks_take_the_same_rm_and_ppo_step_as_one_process_on_the_global_batch(
+def test_two_ranks_take_the_same_rm_ppo_and_sft_steps_as_one_process_on_the_global_batch(
     tiny_model, tmp_path
 ):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
@@ -52,15 +53,18 @@ def test_two_ranks_take_the_same_rm_and_ppo_step_as_one_process_on_the_global_ba
     tokens = b["ppo_tokens_per_rank"]
     assert tokens[0] > 3 * tokens[1], tokens
     mismatched = []
-    for part in ("rm", "policy", "value"):
-        for what in ("grads", "weights"):
-            one_proc, two_ranks = a[f"{part}_{what}"], b[f"{part}_{what}"]
-            assert one_proc.keys() == two_ranks.keys() and one_proc
-            for name, x in one_proc.items():
-                assert x.abs().max() > 0, f"{part} {what} {name}: nothing to compare"
-                if not torch.allclose(two_ranks[name], x, rtol=1e-4, atol=1e-6):
-                    diff = (two_ranks[name] - x).abs().max().item()
-                    mismatched.append(f"{part} {what} {name}: {diff:.2e}")
+    compared = [
+        "rm_grads", "rm_weights", "rm_small_batch_grads", "policy_grads", "policy_weights",
+        "value_grads", "value_weights", "sft_updates",
+    ]  # fmt: skip
+    for key in compared:
+        one_proc, two_ranks = a[key], b[key]
+        assert one_proc.keys() == two_ranks.keys() and one_proc
+        for name, x in one_proc.items():
+            assert x.abs().max() > 0, f"{key} {name}: nothing to compare"
+            if not torch.allclose(two_ranks[name], x, rtol=1e-4, atol=1e-6):
+                diff = (two_ranks[name] - x).abs().max().item()
+                mismatched.append(f"{key} {name}: {diff:.2e}")
     assert not mismatched, "\n".join(mismatched)
     assert b["rm_loss"] == pytest.approx(a["rm_loss"], rel=1e-5)
     for key in ("vf_loss", "ptx_loss", "pg_loss"):
