@@ -26,8 +26,10 @@ class LearnerConfig:
         default="",
         metadata={
             "secret": True,
-            "help": "Redis holding the streams and the registry (the server's). Empty: the "
-            "server's embedded Redis, unix://$INSTRUCTLOOP_DATA_DIR/redis/redis.sock.",
+            "help": "Redis holding the streams and the registry (the server's): "
+            "redis://host:6379/0, rediss:// (TLS), redis+cluster://host:port[,host:port] "
+            "or redis+sentinel://host:26379[,host:port]/SERVICE. Empty: the server's "
+            "embedded Redis, unix://$INSTRUCTLOOP_DATA_DIR/redis/redis.sock.",
         },
     )
     redis_prefix: str = field(
