@@ -31,7 +31,12 @@ that long, then Unavailable; Generate answers with logged=false. After five time
 a row a circuit breaker fails calls at once for a cooldown, so that a stalled Redis does
 not cost every request the whole deadline. Connections come from a
 bounded pool that waits for a free connection (within the same deadline) instead of
-failing with "Too many connections".
+failing with "Too many connections" (one Redis; redis-py's cluster and Sentinel pools
+fail such a call at once, Unavailable).
+
+The URL may name one Redis, a Redis Cluster or a Sentinel-watched primary
+(instructloop/redis_client.py). With `min_replicas_ack`, feedback is acknowledged only
+after that many replicas have it (WAIT, see _send_feedback).
 """
 
 from __future__ import annotations
