@@ -523,6 +523,7 @@ class Registry:
                     if message["type"] == "message":
                         yield message["data"]
             return
+        await self.redis.initialize()  # the slot map: ssubscribe looks the node up in it
         pubsub = self.redis.pubsub()
         try:
             await pubsub.ssubscribe(self.keys.events)
