@@ -1,8 +1,9 @@
 """The Redis key layout that the server writes and the learner reads.
 
-Every key starts with one prefix, so two deployments can share a Redis. Stream entries
-have one field, DATA_FIELD, holding a serialized record from instructloop.v1.records_pb2.
-Nothing is trimmed from a stream before the learner has acknowledged it.
+Every key starts with one prefix (after the `{` of its hash tag where it has one), so
+two deployments can share a Redis. Stream entries have one field, DATA_FIELD, holding a
+serialized record from instructloop.v1.records_pb2. Nothing is trimmed from a stream
+before the learner has acknowledged it.
 
 Hash tags: in a Redis Cluster a Lua script or MULTI/EXEC must touch keys of one hash
 slot, and only the text inside a key's first `{...}` is hashed. The keys fall in three
@@ -13,7 +14,8 @@ groups, each with its own tag, and no script or transaction mixes two groups:
                                       queue (the prompt-log MULTI enqueues, the feedback
                                       script closes a lease): one slot
   registry   `{PREFIX:registry}:...`  versions, aliases, freeze, canary, audit stream,
-                                      heartbeats, and the events channel: one slot
+                                      heartbeats, the rolling-swap turn and the events
+                                      channel (sharded pub/sub in a cluster): one slot
   users      `{PREFIX:users}:...`     users, credentials, quality, agreement: one slot
 
 Keys used alone stay untagged and spread over the cluster: the learner's lease and the
@@ -237,12 +239,27 @@ class Keys:
         is the new one with its hash tag `{...}` replaced by the bare prefix. The learner
         lease and the rate limiter's keys kept their names."""
         fixed = [
-            self.prompts_stream, self.feedback_stream, self.queue_waiting, self.queue_leases,
-            self.queue_skips, self.users, self.credentials, self.credential_of,
-            self.user_quality, self.labeler_agreement, self.versions, self.version_seq,
-            self.aliases, self.freeze, self.canary, self.canary_users, self.canary_judged,
-            self.canary_decision, self.audit_stream, self.replicas,
-        ]  # fmt: skip
+            self.prompts_stream,
+            self.feedback_stream,
+            self.queue_waiting,
+            self.queue_leases,
+            self.queue_skips,
+            self.users,
+            self.credentials,
+            self.credential_of,
+            self.user_quality,
+            self.labeler_agreement,
+            self.versions,
+            self.version_seq,
+            self.aliases,
+            self.freeze,
+            self.canary,
+            self.canary_users,
+            self.canary_judged,
+            self.canary_decision,
+            self.audit_stream,
+            self.replicas,
+        ]
         families = [
             self.prompt(""),
             f"{self.data_tag}:judged:",
