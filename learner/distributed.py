@@ -86,7 +86,7 @@ def shard(items: list) -> list:
 
 
 def all_sum(x: torch.Tensor | float) -> torch.Tensor:
-    """Sum over ranks, as a float32 copy (x itself outside torchrun)."""
+    """Sum over ranks, as a new float32 tensor (x's value in one process)."""
     if isinstance(x, torch.Tensor):
         t = x.detach().to(torch.float32).clone()
     else:  # NCCL reduces CUDA tensors only

@@ -5,7 +5,8 @@
   unequal numbers of prompts and of valid tokens (tests/ddp_step.py): the losses are means
   over the GLOBAL batch.
 - `instructloop learn` under torchrun: rank 0 alone consumes the streams and publishes;
-  rank 1 trains (SFT, RM, PPO) on rank 0's orders and exits when rank 0 is done.
+  rank 1 trains (SFT, RM, PPO with a LoRA adapter) on rank 0's orders and exits when
+  rank 0 is done.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def test_under_torchrun_rank_0_alone_consumes_and_publishes(tiny_model, redis_se
         torchrun(
             2, "-m", "instructloop.cli", "learn", "--redis-url", url, "--redis-prefix", prefix,
             "--model-store", str(tmp_path / "store"), "--data-dir", str(tmp_path / "learner"),
-            "--heldout-fraction", "0.25", "--max-rounds", "1", "--device", "cpu",
+            "--heldout-fraction", "0.25", "--max-rounds", "1", "--device", "cpu", "--kind", "lora",
             "--torch-threads", "1", "--consumer", "rank0", "--block-ms", "50",
             "--min-comparisons", "10", "--gate-prompts", "4", "--gate-samples-per-prompt", "1",
             "--win-rate-threshold", "-1", "--max-kl", "1e9",
@@ -106,6 +107,7 @@ def test_under_torchrun_rank_0_alone_consumes_and_publishes(tiny_model, redis_se
     assert [m.id for m in store.list()] == ["v1", "v2"]
     sft, candidate = store.verify("v1"), store.verify("v2")
     assert sft.metrics["sft_only"] and sft.metrics["sft_demonstrations"] > 0
+    assert candidate.kind == "lora" and candidate.base_model == "v1"  # PPO's adapter, on SFT
     assert candidate.metrics["train_ranks"] == 2 and candidate.metrics["ppo_episodes"] == 4
     assert log.count("round 1: published") == 1
     registered = [a.to_version for a in audit(url, prefix) if a.action == "register"]
