@@ -1,0 +1,72 @@
+"""Architecture families other than the default Llama: built here, no downloads.
+
+Every family: its tokenizer and chat template are the real family's shape, a chat
+prompt reaches the model with one BOS, and peft finds LoRA target modules in the model
+itself. One family (Gemma: SentencePiece-style tokens, a template that writes BOS, its
+own head_dim) goes the whole way through the service, as bench/families.py runs each:
+the server on vLLM, Generate plain and chat, feedback through the API, a learner round
+with full weights and one with LoRA, and the hot swap to each.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructloop.families import FAMILIES, build_family_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: abc"}]
+# What each family's real template opens the assistant's turn with.
+ASSISTANT_TURN = {
+    "llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "qwen2": "<|im_start|>assistant\n",
+    "qwen3": "<|im_start|>assistant\n",
+    "mistral": "reverse: abc [/INST]",
+    "gemma": "<start_of_turn>model\n",
+    "phi3": "<|assistant|>\n",
+    "gpt2": "assistant:",  # no template in the real family: the server's plain rendering
+    "gpt_neox": "assistant:",
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_tokenizer_template_one_bos_and_lora_targets(name, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructloop.serve.engine import render_chat
+
+    family = FAMILIES[name]
+    out = build_family_model(name, tmp_path / name)
+    assert json.loads((out / "config.json").read_text())["architectures"] == [family.architecture]
+    tok = AutoTokenizer.from_pretrained(out)
+    text = render_chat(tok, CHAT)
+    assert text.endswith(ASSISTANT_TURN[name]), text
+    assert "be brief" in text and "reverse: abc" in text
+    ids = tok.encode(text)
+    if family.add_bos:  # the template's BOS and the tokenizer's do not both reach the model
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id, ids[:4]
+    else:
+        assert tok.bos_token_id is None or tok.bos_token_id not in ids[:1]
+    assert tok.eos_token == family.special["eos"] and tok.pad_token_id is not None
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    targets = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert targets and "lm_head" not in targets, targets
+
+
+def test_gemma_serves_learns_full_and_lora_and_swaps(redis_server, tmp_path, one_torch_thread):
+    from families import run_family
+
+    row = run_family("gemma", tmp_path, redis_server.url)
+    assert row["errors"] == {}, row["errors"]
+    assert row["chat_one_bos"] == "yes"
+    assert set(row["seconds"]) >= {"serve", "generate", "learn_full", "swap_full", "swap_lora"}
+    assert {"q_proj", "v_proj", "down_proj"} <= set(row["lora_targets"])
