@@ -6,13 +6,15 @@
   over the GLOBAL batch.
 - `instructloop learn` under torchrun: rank 0 alone consumes the streams and publishes;
   rank 1 trains (SFT, RM, PPO with a LoRA adapter) on rank 0's orders and exits when
-  rank 0 is done.
+  rank 0 is done; a SIGTERM mid-PPO stops both ranks at the same iteration.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,21 +84,38 @@ def test_under_torchrun_rank_0_alone_consumes_and_publishes(tiny_model, redis_se
         for i, (p, _) in enumerate(data[:12])
     ]
     xadd(r, keys, data + demos)
-    log = run_checked(
-        torchrun(
-            2, "-m", "instructloop.cli", "learn", "--redis-url", url, "--redis-prefix", prefix,
-            "--model-store", str(tmp_path / "store"), "--data-dir", str(tmp_path / "learner"),
-            "--heldout-fraction", "0.25", "--max-rounds", "1", "--device", "cpu", "--kind", "lora",
-            "--torch-threads", "1", "--consumer", "rank0", "--block-ms", "50",
-            "--min-comparisons", "10", "--gate-prompts", "4", "--gate-samples-per-prompt", "1",
-            "--win-rate-threshold", "-1", "--max-kl", "1e9",
-            "--sft-min-demonstrations", "2", "--sft-max-steps", "2", "--sft-batch-size", "2",
-            "--rm-batch-prompts", "5", "--rm-max-length", "64",
-            "--ppo-iterations", "1", "--ppo-rollout-prompts", "4", "--ppo-minibatch-size", "4",
-            "--ppo-ppo-epochs", "1", "--ppo-max-new-tokens", "8", "--ppo-max-prompt-length", "32",
-        ),
-        timeout=400,
-    )  # fmt: skip
+    learn = [
+        "-m", "instructloop.cli", "learn", "--redis-url", url, "--redis-prefix", prefix,
+        "--model-store", str(tmp_path / "store"), "--data-dir", str(tmp_path / "learner"),
+        "--heldout-fraction", "0.25", "--max-rounds", "1", "--device", "cpu", "--kind", "lora",
+        "--torch-threads", "1", "--consumer", "rank0", "--block-ms", "50",
+        "--min-comparisons", "10", "--gate-prompts", "4", "--gate-samples-per-prompt", "1",
+        "--win-rate-threshold", "-1", "--max-kl", "1e9",
+        "--sft-min-demonstrations", "2", "--sft-max-steps", "2", "--sft-batch-size", "2",
+        "--rm-batch-prompts", "5", "--rm-max-length", "64",
+        "--ppo-rollout-prompts", "4", "--ppo-minibatch-size", "4",
+        "--ppo-ppo-epochs", "1", "--ppo-max-new-tokens", "8", "--ppo-max-prompt-length", "32",
+    ]  # fmt: skip
+
+    # ---- SIGTERM to torchrun mid-PPO: both ranks stop at the same iteration (no rank is
+    # left waiting in a collective), the round is abandoned, nothing is published.
+    log_path = tmp_path / "sigterm.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            torchrun(2, *learn, "--ppo-iterations", "1000"), stdout=out, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while "ppo it 2/1000" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log = log_path.read_text()
+    assert "round 1 abandoned during ppo" in log and "rank 1: rank 0 is done; exiting" in log
+    assert ModelStore(tmp_path / "store").list() == []
+
+    # ---- the round again, to the end
+    log = run_checked(torchrun(2, *learn, "--ppo-iterations", "1"), timeout=400)
     # Rank 1 trained on orders and exited with rank 0; it never read a stream.
     assert "rank 1: training only; rank 0 consumes and publishes" in log
     assert "rank 1: rank 0 is done; exiting" in log
