@@ -114,6 +114,11 @@ def test_no_help_shows_a_secret_from_the_environment():
         ("redis://token@host", "redis://***@host"),
         ("redis://host:6379/0?password=pw&db=1", "redis://host:6379/0?password=***&db=1"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("redis+cluster://:pw@a:7000,b:7001", "redis+cluster://:***@a:7000,b:7001"),
+        (
+            "redis+sentinel://:pw@s1:26379,s2:26379/main",
+            "redis+sentinel://:***@s1:26379,s2:26379/main",
+        ),
     ],
 )
 def test_redact_url_hides_every_password(url, shown):
