@@ -19,6 +19,7 @@ does not wait for a dead replica longer than the turn's TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -32,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import psutil
 import redis.asyncio as aioredis
 from conftest import SERVER_START_TIMEOUT_S, launch_server, report_row, stop_server, wait_serving
 
@@ -61,7 +63,11 @@ def haproxy_stats(url: str) -> dict[str, dict[str, str]]:
     """HAProxy's per-server stats (CSV) of the replicas backend, by server name."""
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-    return {r["svname"]: r for r in rows if r["pxname"] == "replicas"}
+    return {
+        r["svname"]: r
+        for r in rows
+        if r["pxname"] == "replicas" and r["svname"] not in ("FRONTEND", "BACKEND")
+    }
 
 
 def not_serving_windows(log: str, killed_at: float | None) -> list[tuple[float, float]]:
@@ -99,6 +105,15 @@ def publish_all(
             await client.aclose()
 
     return asyncio.run(go())
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a replica and its engine processes at once, as a node or container dies
+    (the engine core would outlive its front end otherwise)."""
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
 
 
 class Load:
@@ -160,7 +175,8 @@ def test_rolling_swaps_behind_haproxy_with_a_replica_killed_mid_swap(
         # The variants are built while the engines start.
         dirs = [full_variant(tiny_model, tmp_path / f"full{i}", seed=i) for i in range(1, 6)]
         for s in servers:
-            wait_serving(s.target, s.proc, s.log_path, SERVER_START_TIMEOUT_S)
+            # Three engines start at once: on a shared 2-core machine, slower than one.
+            wait_serving(s.target, s.proc, s.log_path, 2 * SERVER_START_TIMEOUT_S)
         versions = publish_all(redis_server.url, store, key, dirs, str(tiny_model))
         start_s = time.monotonic() - started
 
@@ -205,7 +221,7 @@ def test_rolling_swaps_behind_haproxy_with_a_replica_killed_mid_swap(
                     while killed_at is None and time.monotonic() < deadline:
                         for s in alive:
                             if f"swap to {version}: NOT_SERVING" in s.log_path.read_text():
-                                s.proc.send_signal(signal.SIGKILL)
+                                kill_tree(s.proc.pid)
                                 killed_at = time.time()
                                 alive.remove(s)
                                 victim = s
