@@ -301,11 +301,16 @@ class LogStore:
     async def check_settings(self) -> list[str]:
         """Warnings about the Redis's durability settings; RedisSettingsError when a setting
         breaks a guarantee (an eviction policy could evict idempotency and one-judgement
-        keys, and a retried feedback would be stored twice)."""
+        keys, and a retried feedback would be stored twice). In a cluster: the settings
+        of the master that holds the data path (its feedback stream's slot)."""
         try:
             async with self.call("could not read the Redis settings"):
-                got = await self.redis.config_get("maxmemory*")  # one pattern: Redis 6
-                got.update(await self.redis.config_get("append*"))
+                node = {}
+                if self.cluster:
+                    await self.redis.initialize()
+                    node["target_nodes"] = self.redis.get_node_from_key(self.keys.feedback_stream)
+                got = await self.redis.config_get("maxmemory*", **node)  # one pattern: Redis 6
+                got.update(await self.redis.config_get("append*", **node))
         except Unavailable as e:
             return [f"{e}; durability settings not checked"]
         except Exception as e:  # managed Redis services often forbid CONFIG
