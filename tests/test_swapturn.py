@@ -1,6 +1,6 @@
 """The rolling-swap turn (serve/swapturn.py) on a real redis-server: one holder at a
 time, the holder's renewals keep it, a dead holder's turn expires, and giving it back
-deletes only one's own."""
+deletes only one's own. And the status a swap advertises (serve/health.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import redis.asyncio as aioredis
 
 from instructloop.keys import Keys
+from instructloop.serve.health import NOT_SERVING, SERVING, ServingHealth
 from instructloop.serve.swapturn import SwapTurn
 
 KEY = Keys("turn-test").swap_turn
@@ -80,3 +81,33 @@ def test_release_and_renew_compare_before_they_touch(redis_server):
         assert await client.get(KEY) is None
 
     _run(redis_server.url, body)
+
+
+def test_engine_checks_cannot_end_a_swaps_not_serving():
+    """_watch_health reports the engine every few seconds; while a swap drains the
+    replica that must not flip it back to SERVING (nor the /healthz mirror)."""
+    from grpc_health.v1 import health, health_pb2
+
+    async def go():
+        servicer = health.aio.HealthServicer()
+        serving = ServingHealth(servicer, ("", "svc"))
+
+        async def status(name):
+            request = health_pb2.HealthCheckRequest(service=name)
+            return (await servicer.Check(request, None)).status
+
+        await serving.set_engine_ok(True)
+        assert serving.serving and await status("svc") == SERVING
+        await serving.set_swapping(True)
+        await serving.set_engine_ok(True)  # the periodic check, mid-swap
+        assert not serving.serving
+        assert [await status(n) for n in ("", "svc")] == [NOT_SERVING, NOT_SERVING]
+        await serving.set_swapping(False)
+        assert serving.serving and await status("") == SERVING
+        await serving.set_engine_ok(False)
+        assert await status("svc") == NOT_SERVING
+        await serving.set_engine_ok(True)
+        await serving.stop()
+        assert await status("") == NOT_SERVING and not serving.serving
+
+    asyncio.run(go())
