@@ -144,18 +144,23 @@ async def serve(cfg: ServerConfig) -> None:
         ).start()
         redis_url = redis_proc.url
     metrics = Metrics()
-    store = LogStore(
-        redis_url,
-        Keys(cfg.redis_prefix),
-        cfg.prompt_ttl_s,
-        timeout_s=cfg.redis_timeout_s,
-        max_connections=cfg.redis_max_connections,
-        breaker_cooldown_s=cfg.redis_breaker_cooldown_s,
-        prompt_cache_size=cfg.prompt_cache_size,
-        max_batch=cfg.redis_max_batch,
-        min_replicas_ack=cfg.redis_min_replicas_ack,
-        replica_ack_timeout_s=cfg.redis_replica_ack_timeout_s,
-    )
+    try:  # a --redis-url that names no Redis, or options that do not fit it
+        store = LogStore(
+            redis_url,
+            Keys(cfg.redis_prefix),
+            cfg.prompt_ttl_s,
+            timeout_s=cfg.redis_timeout_s,
+            max_connections=cfg.redis_max_connections,
+            breaker_cooldown_s=cfg.redis_breaker_cooldown_s,
+            prompt_cache_size=cfg.prompt_cache_size,
+            max_batch=cfg.redis_max_batch,
+            min_replicas_ack=cfg.redis_min_replicas_ack,
+            replica_ack_timeout_s=cfg.redis_replica_ack_timeout_s,
+        )
+    except ValueError as e:
+        if redis_proc is not None:
+            redis_proc.stop()
+        raise SystemExit(f"error: {e}") from None
     try:
         for warning in await store.check_settings():
             log.warning("redis settings: %s", warning)

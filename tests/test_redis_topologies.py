@@ -5,6 +5,8 @@ server on a real Redis Cluster (feedback, rate limits, registry events)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 
@@ -48,6 +50,24 @@ def test_the_url_says_which_redis():
     ):
         with pytest.raises(ValueError, match=says):
             parse_redis_url(bad)
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "says"),
+    [
+        ("http://h:1", [], "must start with redis://"),
+        ("redis+cluster://127.0.0.1:1", ["--redis-min-replicas-ack", "1"], "not a Redis Cluster"),
+    ],
+)
+def test_the_server_refuses_a_url_or_option_that_does_not_fit(
+    tiny_model, tmp_path, url, extra, says
+):
+    cmd = [
+        sys.executable, "-m", "instructloop.cli", "serve", "--model", str(tiny_model),
+        "--data-dir", str(tmp_path), "--redis-url", url, *extra,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and says in done.stderr, done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------- events
