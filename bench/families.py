@@ -13,6 +13,8 @@ architecture with a tokenizer and chat template like the real family's, built he
   6. learn (LoRA) on new feedback, and swap (LoRA): the same with a peft adapter whose
      target modules peft found in the model ("all-linear"), loaded by vLLM as a LoRA.
 A step that fails records its error and the family goes on to what does not need it.
+Where vLLM has no LoRA for the architecture (GPT-2 in vLLM 0.32), the server runs
+without --enable-lora and the LoRA steps are recorded as not run, with the reason.
 The times are against Llama's in the same run (ratio), since the machine is shared.
 
     python bench/families.py                      # all families
@@ -131,6 +133,7 @@ def run_family(name: str, work: Path, redis_url: str) -> dict:
     from instructloop.clients import Client
     from instructloop.families import FAMILIES, build_family_model
     from instructloop.learner.main import run
+    from instructloop.serve.engine import lora_unsupported
     from instructloop.store import ModelStore
 
     prefix = f"bench-family-{name}"
@@ -155,8 +158,11 @@ def run_family(name: str, work: Path, redis_url: str) -> dict:
         model = step("build", lambda: build_family_model(name, work / "model"))
         if model is None:
             return row
-        extra = ("--enable-lora", "--model-store", str(work / "store"), "--admin-token", TOKEN,
-                 "--poll-interval-s", "1")  # fmt: skip
+        no_lora = lora_unsupported(str(model))
+        if no_lora:
+            row["errors"]["lora"] = f"not run: {no_lora} (the server refuses --enable-lora)"
+        extra = ("--model-store", str(work / "store"), "--admin-token", TOKEN,
+                 "--poll-interval-s", "1", *([] if no_lora else ["--enable-lora"]))  # fmt: skip
         workdirs = [work / "server"]
         servers = step("serve", lambda: start_servers(model, redis_url, workdirs, prefix, *extra))
         if servers is None:
@@ -194,7 +200,7 @@ def run_family(name: str, work: Path, redis_url: str) -> dict:
         full = step("learn_full", lambda: learn("full", 1))
         if full:
             step("swap_full", lambda: wait_version(client, full))
-        lora = step("learn_lora", lambda: learn("lora", 2))
+        lora = None if no_lora else step("learn_lora", lambda: learn("lora", 2))
         if lora:
             step("swap_lora", lambda: wait_version(client, lora))
     finally:
@@ -257,7 +263,8 @@ def main() -> int:
               + "  " + notes.strip())  # fmt: skip
     print("(seconds / ratio to llama in this run)")
     write_result(args.out, args, families=rows)
-    return 0 if all(not r["errors"] for r in rows) else 1
+    refused = {"lora"}  # vLLM's own limit, recorded, not a failure of ours
+    return 0 if all(set(r["errors"]) <= refused for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from . import placement
 from .admin import AdminServicer
 from .auth import Authenticator
 from .config import ServerConfig
-from .engine import EngineError, VllmEngine
+from .engine import EngineError, VllmEngine, lora_unsupported
 from .errors import Unavailable
 from .health import ServingHealth
 from .logstore import LogStore, RedisSettingsError
@@ -200,6 +200,11 @@ async def serve(cfg: ServerConfig) -> None:
     # "" starts SERVING in grpc's servicer: NOT_SERVING until the engine's first check.
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     metrics.serve_http(cfg.host, cfg.metrics_port, serving=lambda: serving.serving)
+    if cfg.enable_lora and (why := lora_unsupported(str(model_dir))):
+        raise SystemExit(
+            f"error: --enable-lora: {why}; start without it and have the learner publish "
+            "full-weight versions (learn --kind full)"
+        )
     engine = VllmEngine(
         str(model_dir),
         version=cfg.version,

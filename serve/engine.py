@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument
@@ -144,6 +145,24 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def shutdown(self) -> None: ...
+
+
+def lora_unsupported(model_dir: str) -> str | None:
+    """Why vLLM cannot serve LoRA adapters on this model (its architecture's vLLM class
+    lacks LoRA support: GPT-2 in vLLM 0.32), or None when it can. vLLM itself says so only
+    from inside its engine process, as the cause of a failed start."""
+    import json
+
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        if arch in ModelRegistry.models:
+            if supports_lora(ModelRegistry.models[arch].load_model_cls()):
+                return None
+            return f"vLLM has no LoRA support for {arch}"
+    return None  # unknown here: vLLM decides at start
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -70,3 +70,22 @@ def test_gemma_serves_learns_full_and_lora_and_swaps(redis_server, tmp_path, one
     assert row["chat_one_bos"] == "yes"
     assert set(row["seconds"]) >= {"serve", "generate", "learn_full", "swap_full", "swap_lora"}
     assert {"q_proj", "v_proj", "down_proj"} <= set(row["lora_targets"])
+
+
+def test_enable_lora_on_an_architecture_vllm_cannot_adapt_is_refused_at_start(
+    redis_server, tmp_path
+):
+    """vLLM 0.32 has no LoRA for GPT-2; its own error comes from inside the engine process
+    as the cause of a failed start. The server says why, and what to do, before that."""
+    import subprocess
+
+    model = build_family_model("gpt2", tmp_path / "gpt2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "instructloop.cli", "serve", "--model", str(model),
+         "--redis-url", redis_server.url, "--data-dir", str(tmp_path / "server"),
+         "--port", "0", "--metrics-port", "0", "--enable-lora"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--enable-lora: vLLM has no LoRA support for GPT2LMHeadModel" in proc.stderr
+    assert "learn --kind full" in proc.stderr
