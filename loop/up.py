@@ -211,6 +211,8 @@ def run(cfg: UpConfig) -> int:
                 "--host", cfg.host, "--port", str(cfg.port),
                 "--metrics-port", str(cfg.metrics_port), "--log-format", "text",
                 *(["--enable-lora"] if cfg.enable_lora else []),
+                # One replica and no balancer: nothing to leave before a swap drains.
+                "--swap-drain-grace-s", "0", "--no-rolling-swap",
                 *QUEUE_SERVE_ARGS, *shlex.split(cfg.serve_args),
             ],
             logs / "server.log",
