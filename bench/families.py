@@ -113,7 +113,8 @@ def wait_version(client, version: str) -> float:
 
 
 def one_bos(model_dir: Path, reply_tokens: int, messages: list[dict]) -> str:
-    """'yes'/'no' whether the chat prompt the server encoded holds at most one BOS."""
+    """'yes' when the chat prompt the server encoded holds exactly one BOS, 'no (count)'
+    when not, 'n/a' for a family whose tokenizer adds none."""
     from transformers import AutoTokenizer
 
     from instructloop.serve.engine import render_chat
@@ -122,8 +123,8 @@ def one_bos(model_dir: Path, reply_tokens: int, messages: list[dict]) -> str:
     ids = tok.encode(render_chat(tok, messages))
     if len(ids) != reply_tokens:
         return f"no (server encoded {reply_tokens} tokens, here {len(ids)})"
-    if tok.bos_token_id is None:
-        return "n/a"
+    if tok.bos_token_id is None or tok.encode("")[:1] != [tok.bos_token_id]:
+        return "n/a"  # the family's tokenizer adds no BOS
     return "yes" if ids.count(tok.bos_token_id) == 1 else f"no ({ids.count(tok.bos_token_id)})"
 
 

@@ -30,9 +30,9 @@ def lora_variant(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Pat
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    # peft finds the linear layers in the model itself, whatever the family names them.
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules="all-linear"
     )  # fmt: skip
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
