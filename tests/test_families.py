@@ -17,7 +17,7 @@ import pytest
 
 from instructloop.families import FAMILIES, build_family_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: abc"}]
 # What each family's real template opens the assistant's turn with.
@@ -63,7 +63,13 @@ def test_family_tokenizer_template_one_bos_and_lora_targets(name, tmp_path):
 
 
 def test_gemma_serves_learns_full_and_lora_and_swaps(redis_server, tmp_path, one_torch_thread):
-    from families import run_family
+    # bench/ is on the path only for this import: its serve.py would shadow the server
+    # package for every test module collected after.
+    sys.path.insert(0, str(BENCH))
+    try:
+        from families import run_family
+    finally:
+        sys.path.remove(str(BENCH))
 
     row = run_family("gemma", tmp_path, redis_server.url)
     assert row["errors"] == {}, row["errors"]
