@@ -4,14 +4,15 @@
 - `redis_server`: a real redis-server on an ephemeral loopback port with AOF. A module
   that sets `pytestmark = pytest.mark.redis_kinds("single", "cluster")` runs its tests
   twice, the second time with `redis_server` a real 3-master Redis Cluster
-  (`redis_cluster`, tests/redis_cluster.py; same `.url` and `.client()`). Tests that start
-  the server (vLLM) stay on the single Redis: one engine per Redis is enough.
-- `server`: the real instructloop server as a subprocess (real vLLM engine on CPU),
-  started once per session against `redis_server`.
+  (`redis_cluster`, tests/redis_cluster.py; same `.url` and `.client()`).
+- `server`: the real instructloop server as a subprocess (real vLLM engine on CPU) on
+  `redis_server`: one on the single Redis, and one on the cluster for the tests that a
+  redis_kinds mark runs there too (tests/test_feedback.py); each started once per session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,19 +92,24 @@ def pytest_generate_tests(metafunc):
     if marker is None or "redis_server" not in metafunc.fixturenames:
         return
     kinds = list(marker.args)
-    if {"server", "queue_server"} & set(metafunc.fixturenames):
-        kinds = ["single"]  # a vLLM server: not started once more per kind
+    if "queue_server" in metafunc.fixturenames:
+        kinds = ["single"]  # its own vLLM server: not started once more per kind
     metafunc.parametrize("redis_server", kinds, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def redis_server(request, tmp_path_factory):
-    if getattr(request, "param", "single") == "cluster":
-        yield request.getfixturevalue("redis_cluster")
-        return
+def single_redis(tmp_path_factory):
     r = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port()).start()
     yield r
     r.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(request):
+    """The single Redis, or the cluster where a redis_kinds mark asks for it; each is
+    started once per session whichever tests ask."""
+    kind = getattr(request, "param", "single")
+    return request.getfixturevalue("redis_cluster" if kind == "cluster" else "single_redis")
 
 
 @pytest.fixture(scope="session")
@@ -205,6 +211,14 @@ def start_servers(model: Path, redis_url: str, workdirs: list[Path], prefix: str
 
 
 def stop_server(server: ServerProcess) -> int:
+    """SIGTERM, then SIGKILL after a minute. vLLM's engine processes go too: a server
+    stopped while still starting (before its signal handlers) would leave them behind."""
+    import psutil
+
+    try:
+        engine = psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        engine = []
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -212,15 +226,37 @@ def stop_server(server: ServerProcess) -> int:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait()
+    for p in engine:  # psutil checks it is still the same process before it signals
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     return server.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model, redis_server, tmp_path_factory):
-    (s,) = start_servers(tiny_model, redis_server.url, [tmp_path_factory.mktemp("server")], "itest")
+def _session_server(tiny_model, redis, tmp_path_factory):
+    (s,) = start_servers(tiny_model, redis.url, [tmp_path_factory.mktemp("server")], "itest")
     yield s
     code = stop_server(s)
     assert code == 0, f"server did not stop cleanly (exit {code}):\n{s.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def single_server(tiny_model, single_redis, tmp_path_factory):
+    yield from _session_server(tiny_model, single_redis, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def cluster_server(tiny_model, redis_cluster, tmp_path_factory):
+    yield from _session_server(tiny_model, redis_cluster, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(request, redis_server):
+    """The server on redis_server: the single Redis's, or the cluster's where a
+    redis_kinds mark runs a test on the cluster too (each server started once)."""
+    from redis_cluster import RedisClusterNodes
+
+    cluster = isinstance(redis_server, RedisClusterNodes)
+    return request.getfixturevalue("cluster_server" if cluster else "single_server")
 
 
 @pytest.fixture

@@ -12,6 +12,10 @@ from instructloop.keys import DATA_FIELD, Keys
 from instructloop.redis_embedded import EmbeddedRedis
 from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
 
+# Every test that reads Redis back runs on one Redis and on a real 3-master Redis Cluster,
+# each with its own server.
+pytestmark = pytest.mark.redis_kinds("single", "cluster")
+
 
 @pytest.fixture
 def client(server):
@@ -223,6 +227,7 @@ def test_bad_feedback_gets_precise_codes_and_writes_nothing(client, server, redi
     assert client.get_model().version, "the server must survive bad input"
 
 
+@pytest.mark.redis_kinds("single")  # SIGKILLs and restarts the one redis-server
 def test_acknowledged_feedback_survives_a_redis_crash(client, server, redis_server):
     gen = client.generate("reverse: redis", n=2, max_tokens=4)
     ack = client.choose(gen.prompt_id, gen.samples[0].sample_id, user_id="frank")

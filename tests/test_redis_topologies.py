@@ -10,14 +10,12 @@ import sys
 import time
 import uuid
 
-import grpc
 import pytest
 import redis
-from conftest import report_row, start_servers, stop_server
+from conftest import report_row
 from redis_cluster import SentinelSet, redis7
 
 from instructloop.clients import Client
-from instructloop.clients.admin import AdminClient
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.migrate import migrate_layout
 from instructloop.redis_client import connect_async, parse_redis_url
@@ -276,45 +274,72 @@ def test_a_sentinel_failover_under_feedback_load(tmp_path, min_replicas_ack):
 # ---------------------------------------------------------------------------- a server on a cluster
 
 
-def test_a_server_on_a_redis_cluster_logs_limits_and_follows_events(
-    tiny_model, redis_cluster, tmp_path
-):
-    """One real server whose --redis-url is a Redis Cluster: prompts and feedback land in
-    the cluster (an idempotent retry stored once), the rate limiter counts there, and a
-    registry change reaches the replica as a sharded pub/sub event."""
-    prefix = f"cl-{uuid.uuid4().hex[:6]}"
-    (server,) = start_servers(
-        tiny_model, redis_cluster.url, [tmp_path / "server"], prefix,
-        "--rate-limit-feedback", "3/minute", "--admin-token", "cluster-admin",
-    )  # fmt: skip
-    try:
-        keys, db = Keys(prefix), redis_cluster.client()
-        with Client(server.target, timeout=60) as client:
-            gen = client.generate("sort: c a b", n=2, max_tokens=4, user_id="app")
-            s = [x.sample_id for x in gen.samples]
-            first = client.rank(gen.prompt_id, [s[1], s[0]], user_id="ann", idempotency_key="k")
-            again = client.rank(gen.prompt_id, [s[1], s[0]], user_id="ann", idempotency_key="k")
-            client.rank(gen.prompt_id, [s[0], s[1]], user_id="ann2")
-            with pytest.raises(grpc.RpcError) as over:  # ann's 4th call in a minute
-                for _ in range(2):
-                    client.rank(gen.prompt_id, [s[1], s[0]], user_id="ann", idempotency_key="k")
-            assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert again.feedback_id == first.feedback_id
-        stored = [
-            records_pb2.FeedbackRecord.FromString(f[DATA_FIELD]).feedback_id
-            for _, f in db.xrange(keys.feedback_stream)
-        ]
-        assert sorted(stored) == sorted({first.feedback_id, *stored}) and len(stored) == 2
-        assert db.xlen(keys.prompts_stream) == 1 and db.exists(keys.prompt(gen.prompt_id))
+def test_a_server_on_a_redis_cluster_logs_and_follows_events(cluster_server, redis_cluster):
+    """The session's server whose --redis-url is a Redis Cluster (tests/test_feedback.py
+    runs on it too): prompts and feedback land in the cluster (an idempotent retry stored
+    once), and a registry change reaches the replica as a sharded pub/sub event."""
+    server = cluster_server
+    keys, db = Keys(server.prefix), redis_cluster.client()
+    prompts_before = db.xlen(keys.prompts_stream)
+    with Client(server.target, timeout=60) as client:
+        gen = client.generate("sort: c a b", n=2, max_tokens=4, user_id="app")
+        s = [x.sample_id for x in gen.samples]
+        first = client.rank(gen.prompt_id, [s[1], s[0]], user_id="ann", idempotency_key="k")
+        again = client.rank(gen.prompt_id, [s[1], s[0]], user_id="ann", idempotency_key="k")
+        second = client.rank(gen.prompt_id, [s[0], s[1]], user_id="ann2")
+    assert again.feedback_id == first.feedback_id
+    stored = [
+        records_pb2.FeedbackRecord.FromString(f[DATA_FIELD])
+        for _, f in db.xrange(keys.feedback_stream)
+    ]
+    ours = [r.feedback_id for r in stored if r.feedback.prompt_id == gen.prompt_id]
+    assert sorted(ours) == sorted([first.feedback_id, second.feedback_id])
+    assert db.xlen(keys.prompts_stream) == prompts_before + 1
+    assert db.exists(keys.prompt(gen.prompt_id))
 
-        events = "instructloop_swap_phase_seconds_count"
-        seen = server.metric(events)
-        with AdminClient(server.target, token="cluster-admin") as admin:
-            admin.freeze(reason="cluster event test")
-        deadline = time.monotonic() + 10
-        while server.metric(events) <= seen:
-            assert time.monotonic() < deadline, "the registry event did not arrive"
-            time.sleep(0.1)
-    finally:
-        assert stop_server(server) == 0, server.log_tail()
+    events = "instructloop_swap_phase_seconds_count"
+    seen = server.metric(events)
+
+    async def freeze():
+        client = connect_async(redis_cluster.url, timeout_s=5)
+        try:
+            await Registry(client, keys).freeze("test", "cluster event test")
+            await Registry(client, keys).unfreeze("test")
+        finally:
+            await client.aclose()
+
+    asyncio.run(freeze())
+    deadline = time.monotonic() + 10
+    while server.metric(events) <= seen:
+        assert time.monotonic() < deadline, "the registry event did not arrive"
+        time.sleep(0.1)
     assert "registry events unavailable" not in server.log_path.read_text()
+
+
+@pytest.mark.redis_kinds("single", "cluster")
+def test_rate_limits_count_in_the_redis_the_url_names(redis_server):
+    """The limiter's windows live where --redis-url points (`limits`' own cluster client
+    for a cluster URL): the fourth call of a 3/minute limit is refused, whichever kind.
+    A limiter that could not reach its storage would admit it (it fails open)."""
+    from instructloop.serve.ratelimit import OverLimit, RateLimiter, parse_limits
+
+    async def go():
+        client = connect_async(redis_server.url, timeout_s=5)
+        unchecked = []
+        limiter = RateLimiter(
+            redis_server.url, client, f"rl-{uuid.uuid4().hex[:6]}",
+            {"feedback": parse_limits("3/minute", "--rate-limit-feedback")},
+            timeout_s=5, on_unchecked=lambda: unchecked.append(1),
+        )  # fmt: skip
+        try:
+            for _ in range(3):
+                await limiter.hit("feedback", "ann")
+            with pytest.raises(OverLimit) as over:
+                await limiter.hit("feedback", "ann")
+            await limiter.hit("feedback", "bob")  # every user has its own window
+        finally:
+            await client.aclose()
+        assert not unchecked
+        assert 0 < over.value.retry_after_s <= 60
+
+    asyncio.run(go())
