@@ -114,6 +114,17 @@ class LearnerConfig:
             "each rank (learner/distributed.py)."
         },
     )
+    sharding: str = field(
+        default="ddp",
+        metadata={
+            "help": "Under torchrun, how the reward model's training and PPO's four models "
+            "are spread over the ranks: 'ddp' (every rank holds whole models) or 'fsdp' "
+            "(FSDP2 fully_shard per decoder layer: each rank holds 1/N of every weight). "
+            "'fsdp' takes full-weight rounds only (not --kind lora). SFT runs DDP either "
+            "way, and the gate and the labeler-quality scoring load whole models on rank "
+            "0's device. Without torchrun: no effect."
+        },
+    )
 
     @property
     def resolved_redis_url(self) -> str:

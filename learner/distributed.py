@@ -21,6 +21,15 @@ global batches themselves; DDP averages the gradients over ranks. A loss that is
 global count over the world size, so that DDP's average is the mean over the GLOBAL batch:
 a per-rank mean averaged over ranks is not, when ranks hold unequal counts.
 
+With `learn --sharding fsdp` the reward model's training and PPO's four models are
+sharded with FSDP2 instead (`wrap` -> `shard_model`: `fully_shard` per decoder layer, then
+the root): each rank holds 1/N of every weight, a forward gathers one layer at a time, and
+the reduce-scatter AVERAGES gradients over ranks as DDP does, so `mean_denominator`
+normalises the same way. Every forward is then a collective: every rank must run the same
+ones (HF generate with synced_gpus; the RM's bias and held-out scoring on every rank), and
+the full weights are gathered to rank 0's host to be saved (`full_state_dict`). SFT stays
+on DDP; LoRA rounds are refused under FSDP.
+
 Orders travel on a second, gloo-only group with a long timeout: the workers wait there
 between rounds (hours), which NCCL's watchdog would not allow; the training collectives
 keep the default group and its default timeout.
@@ -115,13 +124,91 @@ def any_rank(flag: bool) -> bool:
     return bool(all_sum(1.0 if flag else 0.0).item() > 0)
 
 
-def wrap(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
-    """DDP around a module whose parameters train (itself outside torchrun). Rank 0's
-    parameters are broadcast to the others here, so every rank starts equal."""
+SHARDINGS = ("ddp", "fsdp")
+
+
+def load_device(device: str | torch.device, sharding: str = "ddp") -> str | torch.device:
+    """Where a trainer loads a model that `wrap` then places: under FSDP (torchrun) the
+    host, so that no device ever holds more than one layer's full weights (fully_shard
+    moves each layer to `device` as it shards it); otherwise `device` itself."""
+    return "cpu" if sharding == "fsdp" and world_size() > 1 else device
+
+
+def wrap(
+    module: torch.nn.Module, device: str | torch.device, sharding: str = "ddp"
+) -> torch.nn.Module:
+    """What a trainer calls its model through under torchrun (the module itself outside).
+
+    sharding "ddp": DDP around a module whose parameters train (a frozen one is returned
+    as it is: every rank holds all of it); rank 0's parameters are broadcast first.
+    sharding "fsdp": the module, sharded IN PLACE with FSDP2 (`fully_shard`), trained or
+    frozen: see `shard_model`. Call it through its own forward, never a submodule's (the root
+    group's weights are gathered by the root's forward).
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
     if world_size() == 1:
+        return module
+    if sharding == "fsdp":
+        return shard_model(module, device)
+    if not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def shard_model(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """FSDP2 over all ranks: `fully_shard` each decoder layer, then the root (the rest:
+    embeddings, final norm, heads). The layers are the modules whose class an HF model
+    names in `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...), so any architecture
+    works. Each rank keeps 1/world of every parameter (DTensors); a forward all-gathers
+    one layer at a time, backward reduce-scatters the gradients AVERAGED over ranks, as
+    DDP does, so `mean_denominator` normalises the same way. Rank 0's weights are
+    broadcast first (on the host, over the gloo orders group when the module is there),
+    so every rank starts equal, as under DDP. Every rank must run the same forwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layer_names: set[str] = set()
+    for m in module.modules():
+        layer_names.update(getattr(m, "_no_split_modules", None) or ())
+    # Children before parents (reversed pre-order): a nested layer is sharded first.
+    layers = [m for m in reversed(list(module.modules())) if type(m).__name__ in layer_names]
+    layers = [m for m in layers if m is not module]
+    if not layers:
+        raise ValueError(
+            f"FSDP: no decoder layers found in {type(module).__name__} "
+            "(no module class listed in an HF model's _no_split_modules)"
+        )
+    group = _orders if next(module.parameters()).device.type == "cpu" else None
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0, group=group)
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True for a module `shard_model` sharded: its forwards are collectives (HF generate must
+    then run with synced_gpus, so that a rank whose samples ended keeps forwarding)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded module's full state dict, gathered on rank 0's host (every rank must
+    call it: it is a collective); None for a module that is not sharded (save it as is).
+    On the other ranks the dict is empty."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
 
 
 # ---------------------------------------------------------------------------- orders

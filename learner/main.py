@@ -56,7 +56,7 @@ from instructloop.learner.consumer import ConsumerConfig, StreamConsumer
 from instructloop.learner.dataset import Dataset, DatasetConfig
 from instructloop.learner.device import resolve_device
 from instructloop.learner.lease import LearnerLease
-from instructloop.learner.ppo import PPOStopped
+from instructloop.learner.ppo import FSDP_LORA, PPOStopped
 from instructloop.learner.rounds import Learner, RoundAbandoned
 from instructloop.migrate import migrate_layout
 from instructloop.redact import redact_url
@@ -84,6 +84,10 @@ class Configs:
         if self.round.kind not in ("full", "lora"):
             raise ValueError(f"--kind must be 'full' or 'lora', got {self.round.kind!r}")
         self.ppo.lora = self.round.kind == "lora"  # derived once, here
+        if self.learner.sharding not in distributed.SHARDINGS:
+            raise ValueError(f"--sharding must be 'ddp' or 'fsdp', got {self.learner.sharding!r}")
+        if self.learner.sharding == "fsdp" and self.ppo.lora:
+            raise ValueError(FSDP_LORA)
         self.learner.device = str(resolve_device(self.learner.device))  # 'auto' -> cuda/cpu
 
 
@@ -129,7 +133,7 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     learner = Learner(
         data_dir, dataset, store, Registry(aclient, keys, load_registry_key(key_file)),
         UserStore(aclient, keys), loop, cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo,
-        device=cfg.device,
+        device=cfg.device, sharding=cfg.sharding,
     )  # fmt: skip
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(

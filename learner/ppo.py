@@ -21,7 +21,9 @@ The result is saved as an HF checkpoint dir (full) or a peft adapter dir (LoRA).
 Device: the four models live on one device (`device`, resolved by the caller); rollouts,
 scoring and the losses' forward passes run under bf16 autocast on CUDA, backward and the
 optimizer step outside it, over float32 weights (learner/device.py). On CPU everything is
-float32, as before.
+float32, as before. Under torchrun with --sharding fsdp every rank holds a shard of each
+of the four (FSDP2, learner/distributed.py), generate runs with synced_gpus, and the full
+policy is gathered to rank 0 to be saved.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from instructloop.learner import distributed
 from instructloop.learner.config import PPOConfig
 from instructloop.learner.device import autocast
-from instructloop.learner.reward import ValueHead, load_reward_model, score_texts, token_values
+from instructloop.learner.reward import ValueHead, load_reward_model, score_texts
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,9 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
             max_new_tokens=cfg.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            # FSDP: every forward is a collective, so a rank whose samples all ended
+            # keeps forwarding until every rank's have
+            synced_gpus=distributed.is_sharded(policy),
         )  # [B, P+R]
     return _logprobs_of(policy, ref, tokenizer, list(prompts), enc["attention_mask"], seq, cfg)
 
@@ -238,12 +243,16 @@ class Experience:
 
 @torch.no_grad()
 def experience(
-    ro: Rollout, reward_model, reward_tokenizer, value_model, cfg: PPOConfig
+    ro: Rollout, reward_model, reward_tokenizer, value_head: ValueHead, cfg: PPOConfig
 ) -> Experience:
-    """Score the responses, shape the rewards with the KL penalty, run GAE."""
+    """Score the responses, shape the rewards with the KL penalty, run GAE.
+
+    reward_model: the RM, or a ValueHead around it; value_head: a ValueHead around the
+    value model (not DDP around one): both are called through their forward, which a
+    sharded (FSDP) one needs."""
     scores = score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts)  # [B]
     P = ro.prompt_len
-    values = token_values(value_model, ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
+    values = value_head(ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
     kl, rewards = shaped_rewards(ro.logp, ro.ref_logp, scores, ro.mask, cfg.kl_beta)
     advantages, returns = gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, ro.mask)
@@ -368,7 +377,13 @@ def ppo_step(
 # ---------------------------------------------------------------------------- the run
 
 
-def check_world(cfg: PPOConfig, world: int, ptx: bool) -> None:
+FSDP_LORA = (
+    "--sharding fsdp trains full weights only: a LoRA round (--kind lora) under torchrun "
+    "needs --sharding ddp (peft adapters under FSDP2 are not supported here)"
+)
+
+
+def check_world(cfg: PPOConfig, world: int, ptx: bool, sharding: str = "ddp") -> None:
     """Under torchrun every rank takes an equal share of each global batch, so that every
     rank runs the same number of minibatch steps (each one a DDP all-reduce)."""
     if world == 1:
@@ -384,6 +399,8 @@ def check_world(cfg: PPOConfig, world: int, ptx: bool) -> None:
             raise ValueError(f"{name} {size} must be a multiple of the {world} ranks")
     if cfg.rollout_engine != "hf":
         raise ValueError("under torchrun PPO samples with --ppo-rollout-engine hf only")
+    if cfg.lora and sharding == "fsdp":
+        raise ValueError(FSDP_LORA)
 
 
 def train_ppo(
@@ -397,6 +414,7 @@ def train_ppo(
     ptx_texts: Sequence[str] = (),
     stop: threading.Event | None = None,
     device: str | torch.device = "cpu",
+    sharding: str = "ddp",
 ) -> dict:
     """Run PPO and save the policy to out_dir. Returns metrics with a per-iteration history.
 
@@ -405,21 +423,25 @@ def train_ppo(
     value model starts (default: the RM); ptx_texts: text for the PPO-ptx term.
     stop: checked before every iteration; once set, PPOStopped is raised (nothing saved).
     device: where all four models run; the saved policy is float32 either way.
+    sharding: under torchrun, "ddp" (the trained models replicated on every rank) or
+    "fsdp" (all four sharded with FSDP2, full weights only; distributed.wrap); the saved
+    policy is a full checkpoint either way.
     """
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
     if cfg.rollout_engine not in ("hf", "vllm"):
         raise ValueError(f"rollout_engine must be 'hf' or 'vllm', not {cfg.rollout_engine!r}")
     world = distributed.world_size()
-    check_world(cfg, world, ptx=cfg.ptx_coef > 0 and bool(ptx_texts))
+    check_world(cfg, world, ptx=cfg.ptx_coef > 0 and bool(ptx_texts), sharding=sharding)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)  # the same global batches on every rank
 
     # ---- models: policy (trained), reference (frozen), value (trained), reward (frozen)
-    policy, tokenizer = load_policy(policy_dir, lora=cfg.lora, device=device)
-    ref, _ = load_policy(ref_dir or policy_dir, device=device)
-    reward_model, reward_tokenizer = load_reward_model(reward_dir, device=device)
-    value_model, _ = load_reward_model(value_dir or reward_dir, device=device)
+    home = distributed.load_device(device, sharding)  # FSDP: the host; wrap places them
+    policy, tokenizer = load_policy(policy_dir, lora=cfg.lora, device=home)
+    ref, _ = load_policy(ref_dir or policy_dir, device=home)
+    reward_model, reward_tokenizer = load_reward_model(reward_dir, device=home)
+    value_model, _ = load_reward_model(value_dir or reward_dir, device=home)
     if value_model.config.vocab_size != policy.config.vocab_size:
         raise ValueError("the value model must share the policy's tokenizer (init it from the RM)")
     if cfg.lora and not hasattr(policy, "peft_config"):  # else: continue the loaded adapter
@@ -437,9 +459,14 @@ def train_ppo(
     for m in (policy, ref, reward_model, value_model):
         m.eval()  # no dropout: log-probs at sampling and update time must agree
     # What the update's forwards run through: DDP under torchrun (the models themselves
-    # otherwise); sampling and scoring use the models, without gradients.
-    policy_net = distributed.wrap(policy, device)
-    value_net = distributed.wrap(ValueHead(value_model), device)
+    # otherwise); sampling and scoring use the models, without gradients. With FSDP all
+    # four are sharded in place (policy_net is policy, value_net is value_head) and the
+    # frozen two as well, so that no rank holds any whole model.
+    value_head, reward_head = ValueHead(value_model), ValueHead(reward_model)
+    policy_net = distributed.wrap(policy, device, sharding)
+    value_net = distributed.wrap(value_head, device, sharding)
+    ref = distributed.wrap(ref, device, sharding)
+    reward_head = distributed.wrap(reward_head, device, sharding)
     if world > 1:
         torch.manual_seed(cfg.seed + distributed.rank())  # each rank samples its own
     optim = torch.optim.AdamW(
@@ -478,7 +505,7 @@ def train_ppo(
 
             # ------------------------------------------------------------ 2. reward, 3. GAE
             with autocast(device):
-                exp = experience(ro, reward_model, reward_tokenizer, value_model, cfg)
+                exp = experience(ro, reward_head, reward_tokenizer, value_head, cfg)
             t2 = time.perf_counter()
 
             # ------------------------------------------------------------ 4. update
@@ -554,12 +581,13 @@ def train_ppo(
         if engine is not None:
             timing["weight_sync_s"] = engine.sync_s
             engine.close()
+    full = distributed.full_state_dict(policy)  # FSDP: gathered on rank 0; else None
     if not distributed.is_main():  # rank 0 alone saves
         return {"iterations": cfg.iterations, "episodes": episodes, "history": history}
 
     # ---- save: a full checkpoint, or only the adapter
     out = Path(out_dir)
-    policy.save_pretrained(out)
+    policy.save_pretrained(out, state_dict=full)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
     tail = history[-max(1, len(history) // 4) :]

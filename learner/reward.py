@@ -23,7 +23,10 @@ Device: the model lives where load_reward_model put it and every function here s
 inputs to `model.device`; train_reward_model runs its forward passes under bf16 autocast
 on CUDA (learner/device.py), and scores come back as float32 either way. Under torchrun
 each rank trains its shard of every batch of prompts through DDP (reward_step) and rank 0
-alone sets the bias, evaluates and saves (learner/distributed.py).
+alone sets the bias, evaluates and saves (learner/distributed.py). With sharding "fsdp"
+the model is sharded with FSDP2 instead: the same step, the same normalisation; every rank
+then takes part in the bias and the held-out scoring, and in gathering the full weights
+that rank 0 saves.
 """
 
 from __future__ import annotations
@@ -141,12 +144,17 @@ def token_values(
 
 class ValueHead(torch.nn.Module):
     """token_values as a module's forward. The trainers call the RM and the value model
-    through it so that DDP (distributed.wrap) runs the forward whose gradients it syncs;
-    calling `model.base_model` and `model.score` directly would bypass DDP."""
+    through it so that DDP (distributed.wrap) runs the forward whose gradients it syncs,
+    and so that under FSDP the root's forward gathers the embeddings and the score head;
+    calling `model.base_model` and `model.score` directly would bypass either."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         return token_values(self.model, input_ids, attention_mask, position_ids)  # [B, T]
@@ -159,8 +167,10 @@ def at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 
 
 def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward of each right-padded row, read at its last real token: [B]."""
-    return at_last_token(token_values(model, input_ids, attention_mask), attention_mask)
+    """Reward of each right-padded row, read at its last real token: [B]. model: an RM,
+    or a ValueHead around one (called through its forward: a sharded one must be)."""
+    head = model if isinstance(model, ValueHead) else ValueHead(model)
+    return at_last_token(head(input_ids, attention_mask), attention_mask)
 
 
 @torch.no_grad()
@@ -172,7 +182,8 @@ def score_texts(
     max_length: int = 512,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Rewards of (prompt, answer) pairs: [N], with the demonstration bias applied."""
+    """Rewards of (prompt, answer) pairs: [N], with the demonstration bias applied.
+    model: an RM, or a ValueHead around one (end_scores)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = encode(
@@ -220,7 +231,8 @@ def kwise_losses(
     head, tokenizer, batch: Sequence[Comparison], max_length: int, device
 ) -> tuple[torch.Tensor, int]:
     """K-wise loss of each prompt that has a pair ([n]) and the number of pairs: every
-    answer of every prompt in ONE forward of `head` (a ValueHead, or DDP around one)."""
+    answer of every prompt in ONE forward of `head` (a ValueHead, DDP around one, or a
+    sharded one)."""
     prompts = [c.prompt for c in batch for _ in c.answers]
     answers = [a for c in batch for a in c.answers]
     enc = encode(tokenizer, prompts, answers, max_length).to(device)  # [sum K, T]
@@ -252,9 +264,10 @@ def reward_step(
     The loss is the mean over the batch's prompts of their K-wise loss. Under torchrun
     each rank forwards its shard and divides its SUM by the global prompt count over the
     world size, so DDP's gradient average is the gradient of the global mean (a per-rank
-    mean would weigh a rank's prompts by 1/its own count). A rank whose shard is empty
-    (a last batch smaller than the world) still forwards one prompt, times 0: DDP's
-    all-reduce needs every rank's backward. Returns (the global mean loss, its pairs).
+    mean would weigh a rank's prompts by 1/its own count); FSDP's reduce-scatter averages
+    the same way. A rank whose shard is empty (a last batch smaller than the world) still
+    forwards one prompt, times 0: DDP's all-reduce and FSDP's gathers need every rank's
+    forward and backward. Returns (the global mean loss, its pairs).
     """
     mine = distributed.shard(list(batch))
     with autocast(device):  # the forward only: backward runs in the forward's dtypes
@@ -279,6 +292,7 @@ def train_reward_model(
     demonstrations: Sequence[Demonstration] = (),
     device: str | torch.device = "cpu",
     ranked_demonstrations: Sequence[Demonstration] = (),
+    sharding: str = "ddp",
 ) -> dict:
     """Train one RM version and save it to out_dir (HF format). Returns its metrics.
 
@@ -286,12 +300,14 @@ def train_reward_model(
     set so that `demonstrations` score mean 0; without any, the answers of `comparisons`
     are used instead (and the metrics say so). The checkpoint is saved in float32 wherever
     it trained (device.py). `ranked_demonstrations` join the comparisons of their prompts
-    as the best answer (with_demonstrations).
+    as the best answer (with_demonstrations). sharding: "ddp" or "fsdp" under torchrun
+    (distributed.wrap); the checkpoint is a full one either way.
     """
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_reward_model(init_dir, device=device)
+    model, tokenizer = load_reward_model(init_dir, device=distributed.load_device(device, sharding))
     model.train()
-    head = distributed.wrap(ValueHead(model), device)  # DDP under torchrun
+    head = distributed.wrap(ValueHead(model), device, sharding)  # DDP or FSDP under torchrun
+    sharded = distributed.is_sharded(head)  # then every rank scores and gathers below
     optim = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -329,8 +345,11 @@ def train_reward_model(
                 )
     train_seconds = time.perf_counter() - t0
     model.eval()
-    if not distributed.is_main():  # rank 0 alone sets the bias, evaluates and saves
-        return {"steps": step, "pairs": total_pairs, "train_seconds": train_seconds}
+    if not distributed.is_main() and not sharded:  # rank 0 alone sets the bias, evaluates
+        return {"steps": step, "pairs": total_pairs, "train_seconds": train_seconds}  # & saves
+    # Sharded (FSDP), every rank forwards the same batches for the bias and the held-out
+    # accuracy (each holds a shard of every layer), and rank 0 alone saves.
+    scorer = head if sharded else model
 
     # ---- bias: demonstrations score mean 0 (before RL)
     if demonstrations:
@@ -343,7 +362,7 @@ def train_reward_model(
     if prompts:
         with autocast(device):
             mean = score_texts(
-                model, tokenizer, prompts, answers, cfg.max_length, cfg.eval_batch_size
+                scorer, tokenizer, prompts, answers, cfg.max_length, cfg.eval_batch_size
             )
         model.config.reward_offset = getattr(model.config, "reward_offset", 0.0) + float(
             mean.mean()
@@ -366,13 +385,20 @@ def train_reward_model(
     if heldout:
         with autocast(device):
             acc, n = pairwise_accuracy(
-                model, tokenizer, heldout, cfg.max_length, cfg.eval_batch_size
+                scorer, tokenizer, heldout, cfg.max_length, cfg.eval_batch_size
             )
         metrics.update(heldout_accuracy=acc, heldout_pairs=n)
-        log.info("rm held-out pairwise accuracy %.3f on %d pairs", acc, n)
+        if distributed.is_main():
+            log.info("rm held-out pairwise accuracy %.3f on %d pairs", acc, n)
 
+    full = distributed.full_state_dict(head)  # FSDP: gathered on rank 0; None: not sharded
+    if not distributed.is_main():
+        return {"steps": step, "pairs": total_pairs, "train_seconds": train_seconds}
     out = Path(out_dir)
-    model.save_pretrained(out)
+    if full is None:
+        model.save_pretrained(out)
+    else:  # the head's keys are "model." + the RM's
+        model.save_pretrained(out, state_dict={k[len("model.") :]: v for k, v in full.items()})
     tokenizer.save_pretrained(out)
     (out / "instructloop_reward.json").write_text(
         json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2) + "\n"

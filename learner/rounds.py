@@ -167,9 +167,11 @@ class Learner:
         rm_cfg: RewardConfig,
         ppo_cfg: PPOConfig,
         device: str = "cpu",
+        sharding: str = "ddp",
     ):
         self.data_dir = Path(data_dir)
         self.device = device  # where SFT, RM, PPO and the gate run (resolved, not 'auto')
+        self.sharding = sharding  # under torchrun: the RM's and PPO's (ddp | fsdp)
         self.dataset, self.store, self.registry, self.loop = dataset, store, registry, loop
         self.users = users
         self.cfg, self.sft_cfg, self.rm_cfg, self.ppo_cfg = cfg, sft_cfg, rm_cfg, ppo_cfg
@@ -304,6 +306,7 @@ class Learner:
                 heldout=heldout,
                 demonstrations=all_demos,
                 ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
+                sharding=self.sharding,
             )
             comparisons = rm_data  # what trained this round's RM
         else:
@@ -324,6 +327,7 @@ class Learner:
                 out_dir=work / "policy",
                 ref_dir=ref_dir,
                 ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
+                sharding=self.sharding,
             )
         except PPOStopped as e:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,14 +16,21 @@ global mean.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from instructloop.learner import distributed
 from instructloop.learner.config import PPOConfig, RewardConfig
 from instructloop.learner.dataset import Comparison
-from instructloop.learner.ppo import experience, load_policy, ppo_step, rollout_of
-from instructloop.learner.reward import ValueHead, load_reward_model, reward_step
+from instructloop.learner.ppo import experience, load_policy, ppo_step, rollout_of, train_ppo
+from instructloop.learner.reward import (
+    ValueHead,
+    load_reward_model,
+    reward_step,
+    train_reward_model,
+)
 
 NO_CLIP = 1e9  # gradient clipping off: the raw gradients are what is compared
 # SGD, not the trainers' AdamW: Adam's first step is lr * sign(grad), which turns float
@@ -52,12 +59,19 @@ PTX = ["sort: c b a a b c and a long demonstration text to learn from", "upper: 
 
 
 def grads_and_weights(named) -> tuple[dict, dict]:
+    """Gradients and weights by name, full tensors (a sharded one is gathered: every rank
+    must call this, in the same order)."""
     grads, weights = {}, {}
     for name, p in named:
         if p.requires_grad:
-            grads[name] = p.grad.detach().clone()
-            weights[name] = p.detach().clone()
+            grads[name] = full(p.grad).clone()
+            weights[name] = full(p).clone()
     return grads, weights
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def sft_step(model_dir: str) -> dict:
@@ -83,17 +97,17 @@ def sft_step(model_dir: str) -> dict:
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 
-def main(model_dir: str, out: str) -> None:
-    torch.set_num_threads(1)
-    distributed.init_from_env("cpu")
+def rm_and_ppo(model_dir: str, sharding: str, save_dir: Path | None = None) -> dict:
+    """Two RM steps and one PPO update, the models wrapped as `sharding` says (ddp, fsdp).
+    save_dir: the updated policy is saved there as train_ppo saves it."""
     world, rank = distributed.world_size(), distributed.rank()
-    result: dict = {"world": world}
+    result: dict = {}
 
     # ---- one reward-model step on the 3 prompts
     torch.manual_seed(0)
     rm, tokenizer = load_reward_model(model_dir)
     rm.train()
-    head = distributed.wrap(ValueHead(rm), "cpu")
+    head = distributed.wrap(ValueHead(rm), "cpu", sharding)
     optim = torch.optim.SGD(rm.parameters(), lr=1e-2)
     rm_cfg = RewardConfig(max_length=64, max_grad_norm=NO_CLIP)
     loss, pairs = reward_step(head, optim, tokenizer, COMPARISONS, rm_cfg, "cpu")
@@ -120,14 +134,17 @@ def main(model_dir: str, out: str) -> None:
         m.requires_grad_(False)
     for m in (policy, ref, reward_model, value_model):
         m.eval()
-    policy_net = distributed.wrap(policy, "cpu")
-    value_net = distributed.wrap(ValueHead(value_model), "cpu")
+    value_head, reward_head = ValueHead(value_model), ValueHead(reward_model)
+    policy_net = distributed.wrap(policy, "cpu", sharding)
+    value_net = distributed.wrap(value_head, "cpu", sharding)
+    ref = distributed.wrap(ref, "cpu", sharding)
+    reward_head = distributed.wrap(reward_head, "cpu", sharding)
     optim = torch.optim.SGD(
         [{"params": list(policy.parameters())}, {"params": value_model.parameters()}], lr=1e-2
     )
     prompts, responses = distributed.shard(PROMPTS), distributed.shard(RESPONSES)
     ro = rollout_of(policy, ref, ptok, prompts, responses, cfg)
-    exp = experience(ro, reward_model, rtok, value_model, cfg)
+    exp = experience(ro, reward_head, rtok, value_head, cfg)
     stats = ppo_step(
         policy=policy_net, value_head=value_net, optim=optim, ro=ro, exp=exp,
         idx=torch.arange(len(prompts)), cfg=cfg, tokenizer=ptok,
@@ -141,6 +158,53 @@ def main(model_dir: str, out: str) -> None:
     counts = torch.zeros(world)
     counts[rank] = ro.mask.sum()
     result["ppo_tokens_per_rank"] = distributed.all_sum(counts).tolist()
+    # What this rank holds of the policy's weights: all of them, or its shard under FSDP.
+    result["policy_numel_held"] = sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel() for p in policy.parameters()
+    )
+    result["policy_numel"] = sum(p.numel() for p in policy.parameters())
+    if save_dir is not None:  # as train_ppo saves: gathered on every rank, written by rank 0
+        state = distributed.full_state_dict(policy)
+        if distributed.is_main():
+            policy.save_pretrained(save_dir, state_dict=state)
+    return result
+
+
+def sharded_runs(model_dir: str, work: Path) -> dict:
+    """train_reward_model and train_ppo themselves with sharding "fsdp" (one process: as
+    plain). The RM's checkpoint is compared with one process's; PPO samples with HF
+    generate (synced_gpus on two ranks), so its result is only loaded, not compared."""
+    comparisons = [*COMPARISONS, *COMPARISONS]  # 2 steps of 3 prompts
+    rm_cfg = RewardConfig(batch_prompts=3, max_length=64, eval_batch_size=4)
+    metrics = train_reward_model(
+        rm_cfg, comparisons, model_dir, work / "rm", heldout=COMPARISONS[:2], sharding="fsdp"
+    )
+    dist_barrier()  # rank 0 has written the RM the next run loads
+    cfg = PPOConfig(
+        iterations=1, rollout_prompts=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
+        max_prompt_length=32,
+    )  # fmt: skip
+    train_ppo(cfg, PROMPTS, model_dir, work / "rm", work / "ppo", sharding="fsdp")
+    return {"rm_metrics": metrics}
+
+
+def dist_barrier() -> None:
+    distributed.all_sum(0.0)
+
+
+def main(model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    world = distributed.world_size()
+    work = Path(out).with_suffix("")  # checkpoints: OUT/fsdp-policy, OUT/rm, OUT/ppo
+    result: dict = {"world": world, "work": str(work)}
+    # One process: "ddp" and "fsdp" are both the plain model; two ranks run both.
+    result["ddp"] = rm_and_ppo(model_dir, "ddp")
+    if world > 1:
+        result["fsdp"] = rm_and_ppo(model_dir, "fsdp", save_dir=work / "fsdp-policy")
+    else:
+        result["fsdp"] = result["ddp"]
+    result.update(sharded_runs(model_dir, work))
 
     # ---- one SFT step with run_sft's Trainer arguments (SGD, no clipping)
     result["sft_updates"] = sft_step(model_dir)
