@@ -130,13 +130,7 @@ def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engi
     instead of HF generate; the log-probs come from `policy` either way. Every tensor of
     the result is on the policy's device.
     """
-    enc = tokenizer(
-        list(prompts),
-        padding=True,
-        truncation=True,
-        max_length=cfg.max_prompt_length,
-        return_tensors="pt",
-    ).to(policy.device)
+    enc = _encode_prompts(tokenizer, prompts, cfg, policy.device)
     if engine is not None:
         seq = engine.sample(enc["input_ids"], enc["attention_mask"]).to(policy.device)  # [B, P+R]
     else:
@@ -162,13 +156,7 @@ def rollout_of(
 ) -> Rollout:
     """The Rollout of given responses (each ends with EOS) to the prompts, as if sampled:
     the same padding, masks and log-probs `rollout` computes. For tests and replays."""
-    enc = tokenizer(
-        list(prompts),
-        padding=True,
-        truncation=True,
-        max_length=cfg.max_prompt_length,
-        return_tensors="pt",
-    ).to(policy.device)
+    enc = _encode_prompts(tokenizer, prompts, cfg, policy.device)
     ids = [
         tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for r in responses
@@ -179,6 +167,18 @@ def rollout_of(
     )  # [B, R]
     seq = torch.cat([enc["input_ids"], response], dim=1)  # [B, P+R]
     return _logprobs_of(policy, ref, tokenizer, list(prompts), enc["attention_mask"], seq, cfg)
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[str], cfg: PPOConfig, device):
+    """The prompts left-padded (the policy's tokenizer pads left) and cut to
+    --ppo-max-prompt-length, on device."""
+    return tokenizer(
+        list(prompts),
+        padding=True,
+        truncation=True,
+        max_length=cfg.max_prompt_length,
+        return_tensors="pt",
+    ).to(device)
 
 
 def _logprobs_of(policy, ref, tokenizer, prompts, prompt_attn, seq, cfg: PPOConfig) -> Rollout:
