@@ -274,6 +274,9 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
     url, prefix = redis_server.url, "sft"
     r, keys = redis_server.client(), Keys(prefix)
     register_base(url, prefix, tiny_model)
+    # A fixed split key: with a random one, now and then no held-out user has a prompt,
+    # the gate has nothing to evaluate and the adapter is not promoted.
+    (tmp_path / "split-salt").write_text("5eed" * 16 + "\n")
     data = synthetic.preference_data(24, k=4, n_users=20, seed=20)
     demos = [
         (p, synthetic.demonstration_record(f"demo{i}", p, " good good answer", p.user_id))
@@ -293,6 +296,7 @@ def test_sft_runs_on_demonstrations_and_becomes_the_reference_lora(
     assert set(adapter.feedback_ids) == train_ids(data, tmp_path) | train_demos
     assert adapter.gate["reference"] == "sft" and adapter.metrics["sft_demonstrations"] > 0
     assert not (store.path("v2") / "model.safetensors").exists()
+    assert adapter.gate["passed"] is True, adapter.gate
     assert registry_call(url, prefix, lambda reg: reg.alias("current")) == "v2"
 
     # SFT changed the weights, and PPO's KL was measured against them: the adapter starts
