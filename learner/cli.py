@@ -1,6 +1,7 @@
 """`instructloop learn`: the learner's subcommand, options from its config dataclasses.
 
-The process options (LearnerConfig, ConsumerConfig, RoundConfig) are unprefixed. The three
+The process options (LearnerConfig, ConsumerConfig, RoundConfig) and step 3's choice of
+algorithm (AlignConfig: --algorithm, --dpo-*, --rl-*) are unprefixed. The three
 trainers share field names (learning_rate, seed, ...), so their options carry a prefix:
 --sft-*, --rm-*, --ppo-* (e.g. --ppo-iterations, --rm-learning-rate).
 """
@@ -13,6 +14,8 @@ import sys
 
 from instructloop.cliargs import add_dataclass_arguments, dataclass_from_args
 from instructloop.learner.config import (
+    ALGORITHMS,
+    AlignConfig,
     LearnerConfig,
     PPOConfig,
     RewardConfig,
@@ -59,6 +62,7 @@ def _learn(args: argparse.Namespace) -> int:
             learner=dataclass_from_args(LearnerConfig, args),
             consumer=dataclass_from_args(ConsumerConfig, args),
             round=dataclass_from_args(RoundConfig, args),
+            align=dataclass_from_args(AlignConfig, args),
             **{p: prefixed_from_args(cls, args, p) for p, cls in PREFIXED},
         )
     except ValueError as e:
@@ -74,12 +78,17 @@ def register(subparsers) -> None:
         help="run the learner: consume feedback, SFT -> RM -> PPO rounds, publish versions",
         description="Consume the server's prompt and feedback streams into a dataset under "
         "--data-dir and run InstructGPT rounds (SFT on new demonstrations, reward model, "
-        "PPO, gate on held-out users) when enough new comparisons arrived; publish each "
+        "PPO or the --algorithm chosen, gate on held-out users) when enough new comparisons "
+        "arrived; publish each "
         "candidate to --model-store and the registry, and promote it if it passed the gate.",
     )
     add_dataclass_arguments(p, LearnerConfig)
     add_dataclass_arguments(p, ConsumerConfig)
     add_dataclass_arguments(p, RoundConfig)
+    add_dataclass_arguments(p, AlignConfig)
+    for action in p._actions:
+        if action.dest == "algorithm":
+            action.choices, action.metavar = ALGORITHMS, None  # --help lists them
     for prefix, cls in PREFIXED:
         add_prefixed_arguments(p, cls, prefix)
     p.set_defaults(func=_learn)

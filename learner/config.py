@@ -293,6 +293,21 @@ class PPOConfig:
         metadata={"help": "PPO-ptx gamma: weight of the LM loss on demonstration text (0 = off)."},
     )
     ptx_batch_size: int = field(default=4, metadata={"help": "ptx texts per gradient step."})
+    ptx_data: str = field(
+        default="demonstrations",
+        metadata={
+            "help": "PPO-ptx's language-model text (with --ppo-ptx-coef > 0): 'demonstrations' "
+            "(every training demonstration so far, prompt + answer) or 'corpus' (the "
+            "InstructGPT pretraining mix: documents of the base model's pretraining corpus, "
+            "instructloop/pretrain.py, with PretrainConfig's default seed, the text the "
+            "shipped base was trained on). Never the held-out corpus seed (99991) on which "
+            "the alignment tax is measured."
+        },
+    )
+    ptx_documents: int = field(
+        default=1024,
+        metadata={"help": "With --ppo-ptx-data corpus: how many corpus documents (the first N)."},
+    )
     lora: bool = field(
         default=False, metadata={"help": "Train a LoRA adapter instead of full weights."}
     )
@@ -303,3 +318,74 @@ class PPOConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
     log_every: int = field(default=1, metadata={"help": "Log every N iterations."})
+
+
+ALGORITHMS = ("ppo", "dpo", "grpo", "rloo", "sft")
+
+
+@dataclass
+class AlignConfig:
+    """Step 3 of a round: which algorithm turns the round's data into the candidate, and
+    the knobs of the TRL-trained ones (learner/algorithms.py). PPO's own are --ppo-*."""
+
+    algorithm: str = field(
+        default="ppo",
+        metadata={
+            "help": "ppo: our PPO against the RM, KL to the SFT reference (learner/ppo.py). "
+            "dpo: TRL DPOTrainer on the pairs of the logged rankings, reference = the SFT "
+            "policy. grpo | rloo: TRL GRPOTrainer / RLOOTrainer, our RM as the reward "
+            "function on the logged prompts, KL (beta) to the SFT policy (TRL builds its "
+            "reference from the policy's config name, which we point at the SFT policy). "
+            "sft: the candidate is the round's SFT policy (demonstrations only); a round "
+            "without a new SFT run is skipped. Every algorithm's candidate goes through the "
+            "same RM, gate, store and registry. dpo, grpo, rloo and sft refuse --kind lora "
+            "and torchrun."
+        },
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference."}
+    )
+    dpo_learning_rate: float = field(default=1e-5, metadata={"help": "DPO AdamW learning rate."})
+    dpo_batch_size: int = field(default=8, metadata={"help": "DPO pairs per optimizer step."})
+    dpo_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "Passes over the round's pairs (1, the paper's rule for its RM on the same "
+            "comparisons: more overfits)."
+        },
+    )
+    dpo_max_steps: int = field(
+        default=0, metadata={"help": "DPO optimizer steps; overrides --dpo-epochs (0 = off)."}
+    )
+    rl_num_generations: int = field(
+        default=4,
+        metadata={"help": "GRPO/RLOO group size: samples per prompt (the baseline's group)."},
+    )
+    rl_beta: float = field(
+        default=0.05,
+        metadata={"help": "GRPO/RLOO KL coefficient to the reference (0: no reference loaded)."},
+    )
+    rl_learning_rate: float = field(
+        default=1e-5, metadata={"help": "GRPO/RLOO AdamW learning rate."}
+    )
+    rl_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "GRPO/RLOO samples per optimizer step, a multiple of --rl-num-generations "
+            "(0: --ppo-rollout-prompts)."
+        },
+    )
+    rl_episodes: int = field(
+        default=0,
+        metadata={
+            "help": "GRPO/RLOO samples generated in the round (0: PPO's budget, "
+            "--ppo-iterations x --ppo-rollout-prompts), rounded up to whole steps."
+        },
+    )
+    rl_max_completion_length: int = field(
+        default=0,
+        metadata={
+            "help": "GRPO/RLOO response length limit (0: --ppo-max-new-tokens); the sampling "
+            "temperature is --ppo-temperature."
+        },
+    )

@@ -34,11 +34,12 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -46,6 +47,8 @@ import redis
 from instructloop.keys import Keys
 from instructloop.learner import distributed
 from instructloop.learner.config import (
+    ALGORITHMS,
+    AlignConfig,
     LearnerConfig,
     PPOConfig,
     RewardConfig,
@@ -79,6 +82,7 @@ class Configs:
     sft: SFTStepConfig
     rm: RewardConfig
     ppo: PPOConfig
+    align: AlignConfig = field(default_factory=AlignConfig)  # step 3's algorithm
 
     def __post_init__(self):
         if self.round.kind not in ("full", "lora"):
@@ -88,7 +92,31 @@ class Configs:
             raise ValueError(f"--sharding must be 'ddp' or 'fsdp', got {self.learner.sharding!r}")
         if self.learner.sharding == "fsdp" and self.ppo.lora:
             raise ValueError(FSDP_LORA)
+        if self.ppo.ptx_data not in ("demonstrations", "corpus"):
+            raise ValueError(
+                f"--ppo-ptx-data must be 'demonstrations' or 'corpus', got {self.ppo.ptx_data!r}"
+            )
+        self._check_algorithm()
         self.learner.device = str(resolve_device(self.learner.device))  # 'auto' -> cuda/cpu
+
+    def _check_algorithm(self) -> None:
+        """What --algorithm refuses, at start rather than in the first round."""
+        algorithm = self.align.algorithm
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm: one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+        if algorithm == "ppo":
+            return
+        if self.ppo.lora:
+            raise ValueError(f"--algorithm {algorithm} trains full weights: --kind lora is ppo's")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                f"--algorithm {algorithm} runs on one process: under torchrun only ppo (TRL's "
+                "trainers are untested in our process group)"
+            )
+        if algorithm in ("grpo", "rloo"):
+            from instructloop.learner.algorithms import group_budget
+
+            group_budget(self.ppo, self.align)  # whole groups per step, or ValueError
 
 
 def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
@@ -133,14 +161,15 @@ def run(cfgs: Configs, stop: threading.Event | None = None) -> int:
     learner = Learner(
         data_dir, dataset, store, Registry(aclient, keys, load_registry_key(key_file)),
         UserStore(aclient, keys), loop, cfgs.round, cfgs.sft, cfgs.rm, cfgs.ppo,
-        device=cfg.device, sharding=cfg.sharding,
+        device=cfg.device, sharding=cfg.sharding, align_cfg=cfgs.align,
     )  # fmt: skip
     consumer = StreamConsumer(client, keys, dataset, cfgs.consumer)
     log.info(
-        "learner %s: redis %s prefix %r, store %s, data %s, split key %s, device %s; "
-        "state: round %d",
+        "learner %s: redis %s prefix %r, store %s, data %s, split key %s, device %s, "
+        "algorithm %s; state: round %d",
         cfgs.consumer.consumer, redact_url(cfg.resolved_redis_url), cfg.redis_prefix,
-        cfg.model_store, data_dir, salt_file, cfg.device, learner.state.round,
+        cfg.model_store, data_dir, salt_file, cfg.device, cfgs.align.algorithm,
+        learner.state.round,
     )  # fmt: skip
     lease = LearnerLease(client, keys.learner_lease, cfgs.consumer.consumer, cfg.lease_ttl_s)
     published = 0

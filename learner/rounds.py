@@ -1,4 +1,4 @@
-"""A learner round: SFT? -> reward model -> PPO -> gate -> publish (-> promote).
+"""A learner round: SFT? -> reward model -> policy (PPO, or --algorithm) -> gate -> publish.
 
 One round, top to bottom (Learner.run_round):
 
@@ -22,8 +22,11 @@ One round, top to bottom (Learner.run_round):
                warm-started from the previous RM, one epoch on the new ones); each
                comparison has the demonstration of its prompt ranked first when there
                is one (reward.py);
-  3. PPO       from the serving policy (or the new SFT policy), reference = the latest
-               SFT policy, or the base model before any SFT (ppo.py);
+  3. policy    --algorithm (algorithms.py): PPO by default, or DPO on the comparisons'
+               pairs, GRPO / RLOO with the RM as reward, or the new SFT policy itself
+               (sft: a round without a new SFT run is skipped); from the serving policy
+               (or the new SFT policy), reference = the latest SFT policy, or the base
+               model before any SFT (ppo.py). The algorithm is recorded in the gate dict;
   4. gate      RM-estimated win rate of the candidate against the serving version on
                held-out prompts (users split by a keyed hash, as the paper split by
                customer; a fresh sample each round, seeded by the split's secret and the
@@ -59,10 +62,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from instructloop.learner import distributed
-from instructloop.learner.config import PPOConfig, RewardConfig, RoundConfig, SFTStepConfig
+from instructloop.learner.algorithms import ptx_texts, round_metrics, train_policy
+from instructloop.learner.config import (
+    AlignConfig,
+    PPOConfig,
+    RewardConfig,
+    RoundConfig,
+    SFTStepConfig,
+)
 from instructloop.learner.dataset import Dataset
 from instructloop.learner.gate import evaluate_gate
-from instructloop.learner.ppo import PPOStopped, load_policy, train_ppo
+from instructloop.learner.ppo import PPOStopped, load_policy
 from instructloop.learner.quality import Evidence, Measured, measure
 from instructloop.learner.reward import train_reward_model
 from instructloop.learner.sft import run_sft
@@ -168,6 +178,7 @@ class Learner:
         ppo_cfg: PPOConfig,
         device: str = "cpu",
         sharding: str = "ddp",
+        align_cfg: AlignConfig | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.device = device  # where SFT, RM, PPO and the gate run (resolved, not 'auto')
@@ -175,6 +186,7 @@ class Learner:
         self.dataset, self.store, self.registry, self.loop = dataset, store, registry, loop
         self.users = users
         self.cfg, self.sft_cfg, self.rm_cfg, self.ppo_cfg = cfg, sft_cfg, rm_cfg, ppo_cfg
+        self.align_cfg = align_cfg or AlignConfig()  # step 3's algorithm (default: ppo)
         self.state_path = self.data_dir / "state.json"
         self.state = RoundState.load(self.state_path)
         self.rounds_dir = self.data_dir / "rounds"
@@ -187,7 +199,13 @@ class Learner:
 
     def due(self, now: float | None = None) -> str | None:
         """Why a round should start now, or None: N new comparisons, or T seconds passed
-        with some new data (and something the RM can train on, if there is no RM yet)."""
+        with some new data (and something the RM can train on, if there is no RM yet).
+        With --algorithm sft, only once enough new demonstrations for an SFT run arrived
+        (without one such a round has nothing to offer)."""
+        if self.align_cfg.algorithm == "sft":
+            demos = self.dataset.new_feedback(self.state.demonstrations_seq).get("demonstration", 0)
+            if demos < self.sft_cfg.min_demonstrations:
+                return None
         new = self.dataset.new_feedback(self.state.comparisons_seq)
         comparisons = sum(new.get(k, 0) for k in COMPARISON_KINDS)
         if not self.state.rm_dir and comparisons == 0:
@@ -271,6 +289,20 @@ class Learner:
         sft_metrics: dict = {}
         sft_ran = len(new_demos) >= self.sft_cfg.min_demonstrations
         demos = new_demos  # what this round's SFT trains on (if it runs)
+        algorithm = self.align_cfg.algorithm
+        idle = {  # what an algorithm lacks to make a candidate this round
+            "sft": f"{len(new_demos)} new training demonstrations, an SFT run needs "
+            f"{self.sft_cfg.min_demonstrations}"
+            if not sft_ran
+            else "",
+            "dpo": "no new training comparisons" if not comparisons else "",
+        }.get(algorithm)
+        if idle:
+            log.info("round %d: --algorithm %s: %s; skipped", n, algorithm, idle)
+            st.last_round_at = time.time()
+            st.save(self.state_path)
+            shutil.rmtree(work, ignore_errors=True)
+            return None
         if sft_ran:
             phase("sft")
             if self.sft_cfg.from_base:  # the paper's SFT: the base on every demonstration
@@ -312,26 +344,28 @@ class Learner:
         else:
             rm_dir, rm_metrics = Path(st.rm_dir), {}
 
-        # ---- 3. PPO from the serving (or new SFT) policy, KL to the reference
-        phase("ppo")
-        prompts = ds.rl_prompts("train", exclude_users=ex)
-        ptx = [d.prompt + d.text for d in all_demos]
+        # ---- 3. the policy (PPO by default) from the serving (or new SFT) policy, KL to
+        # the reference
+        phase("ppo" if algorithm == "ppo" else "policy")
         try:
-            ppo_metrics = self._train(
-                train_ppo,
+            policy_metrics = self._train(
+                train_policy,
                 stop,
-                cfg=self.ppo_cfg,
-                prompts=prompts,
+                algorithm=algorithm,
+                ppo_cfg=self.ppo_cfg,
+                align_cfg=self.align_cfg,
+                prompts=ds.rl_prompts("train", exclude_users=ex),
+                comparisons=comparisons,
                 policy_dir=policy_start,
                 reward_dir=rm_dir,
                 out_dir=work / "policy",
                 ref_dir=ref_dir,
-                ptx_texts=ptx if self.ppo_cfg.ptx_coef > 0 else (),
+                ptx_texts=ptx_texts(self.ppo_cfg, all_demos) if algorithm == "ppo" else (),
                 sharding=self.sharding,
             )
         except PPOStopped as e:
             shutil.rmtree(work, ignore_errors=True)
-            raise RoundAbandoned(f"round {n} abandoned during ppo: {e}") from e
+            raise RoundAbandoned(f"round {n} abandoned during {algorithm}: {e}") from e
 
         # ---- 4. gate: beat the serving version on held-out prompts, stay near the reference
         phase("gate")
@@ -341,6 +375,7 @@ class Learner:
             gate_prompts, self.device,
         )  # fmt: skip
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
+        gate["algorithm"] = algorithm  # a string: manifest metrics are floats only
         gate["learner"] = str(self.data_dir.resolve())  # which learner's round this is
 
         # ---- 5. publish (from here on the round completes: the steps are short)
@@ -365,13 +400,7 @@ class Learner:
             "kl": gate["kl"],
             "reward": gate["candidate_score"],
             "serving_reward": gate["serving_score"],
-            "ppo_score_first": ppo_metrics["score_first"],
-            "ppo_score_last": ppo_metrics["score_last"],
-            "ppo_kl_last": ppo_metrics["kl_last"],
-            "ppo_episodes": ppo_metrics["episodes"],
-            "ppo_rollout_s": ppo_metrics["rollout_s"],
-            "ppo_scoring_s": ppo_metrics["scoring_s"],
-            "ppo_update_s": ppo_metrics["update_s"],
+            **round_metrics(algorithm, policy_metrics),
             "train_ranks": distributed.world_size(),
             "excluded_users": len(left_out.users),
             "excluded_feedback": left_out.feedback,
