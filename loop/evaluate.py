@@ -11,7 +11,8 @@ user of the task set cares about, a right answer:
 
 The checkpoint is the version's directory in the model store (VersionInfo.path; a LoRA
 adapter is applied over its base version's weights), the same files every replica
-loads, decoded with transformers on CPU: so versions that never serve (the SFT-only
+loads (`load_checkpoint`, which capability.py's corpus loss uses too), decoded with
+transformers on CPU: so versions that never serve (the SFT-only
 policy of a round, rejected candidates) are measured the same way as served ones. The
 loop test checks that this decoding gives the server's own greedy answers.
 """
@@ -48,6 +49,25 @@ def exact_match(prompts: Sequence[str], texts: Sequence[str]) -> float:
     return sum(is_correct(p, t) for p, t in zip(prompts, texts, strict=True)) / len(prompts)
 
 
+def load_checkpoint(path: str | Path, base_path: str | Path | None = None):
+    """The model (eval mode, float32, CPU) and tokenizer (left padding) of a version's
+    checkpoint: a full checkpoint, or a LoRA adapter at `path` merged over `base_path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base_path is not None:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
 class CheckpointDecoder:
     """Decodes the evaluation prompts with a version's checkpoint (transformers, CPU)."""
 
@@ -70,20 +90,7 @@ class CheckpointDecoder:
 
     def load(self, path: str | Path, base_path: str | Path | None = None):
         """The model and tokenizer of a full checkpoint, or of an adapter over base_path."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if base_path is not None:
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-            tokenizer = AutoTokenizer.from_pretrained(base_path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        tokenizer.padding_side = "left"
-        return model.eval(), tokenizer
+        return load_checkpoint(path, base_path)
 
     def answers(self, path: str | Path, base_path: str | Path | None = None) -> Answers:
         import torch

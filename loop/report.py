@@ -1,12 +1,14 @@
 """The end of a simulation: report.json and report.png, the data-efficiency curve.
 
-The plot has four panels over the training comparisons each version was trained on
+The plot has five panels over the training comparisons each version was trained on
 (its `comparisons_total` metric; the count sent when it appeared, where a version has
-none): greedy and sampled exact-match on the held-out prompts; the labeler win rate
-against v0 and against the round's SFT-only policy; the reward model's held-out pairwise
-accuracy; and the KL to the reference. Promoted versions are dots on a line, rejected
-ones crosses, SFT-only policies squares. matplotlib is imported here only, with the Agg
-backend (no display needed).
+none): greedy and sampled exact-match on the held-out prompts; the win rate against v0
+and against the round's SFT-only policy, by the training labelers (solid colours) and
+by the held-out labelers (lighter ones); the corpus loss on held-out pretraining text,
+with v0's as a grey line (the alignment tax is the height above it); the reward model's
+held-out pairwise accuracy; and the KL to the reference. Promoted versions are dots on a
+line, rejected ones crosses, SFT-only policies squares. matplotlib is imported here only,
+with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -57,12 +59,16 @@ def write_plot(report: dict, out_dir: Path) -> Path:
          (("exact_match", "greedy", "tab:blue"), ("exact_match_sampled", "sampled", "tab:cyan"))),
         ("labeler win rate", 0, 1.02,
          (("labeler_win_rate", "vs v0", "tab:green"),
-          ("labeler_win_rate_vs_sft", "vs SFT-only", "tab:purple"))),
+          ("labeler_win_rate_vs_sft", "vs SFT-only", "tab:purple"),
+          ("labeler_win_rate_heldout", "held-out vs v0", "yellowgreen"),
+          ("labeler_win_rate_vs_sft_heldout", "held-out vs SFT-only", "plum"))),
+        ("corpus loss (nats/token)", None, None,
+         (("corpus_loss", "held-out corpus", "tab:brown"),)),
         ("RM held-out accuracy", 0, 1.02,
          (("rm_heldout_accuracy", "RM held-out acc", "tab:orange"),)),
         ("KL to reference (nats)", None, None, (("kl", "KL", "tab:red"),)),
     )  # fmt: skip
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 11), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 13), sharex=True)
     for ax, (title, lo, hi, series) in zip(axes, panels, strict=True):
         for key, label, color in series:
             for status, (marker, line) in STYLES.items():
@@ -85,8 +91,13 @@ def write_plot(report: dict, out_dir: Path) -> Path:
     if cfg.get("target_win_rate"):
         axes[1].axhline(cfg["target_win_rate"], color="grey", ls="--", lw=1)
     axes[1].axhline(0.5, color="lightgrey", lw=1)
+    v0_loss = next((v.get("corpus_loss") for v in versions if v["id"] == "v0"), None)
+    if _finite(v0_loss):
+        axes[2].axhline(v0_loss, color="grey", ls="--", lw=1)  # above it: the alignment tax
     axes[0].set_title(
-        f"labeler {cfg['labeler']}, demonstrations {cfg['demo_prob']:.0%}", fontsize=9
+        f"labeler {cfg['labeler']}, held-out {cfg.get('heldout_labeler') or 'none'}, "
+        f"demonstrations {cfg['demo_prob']:.0%}",
+        fontsize=8,
     )
     axes[-1].set_xlabel("training comparisons the version was trained on")
     fig.tight_layout()

@@ -3,7 +3,8 @@
 Every simulated user does what a real one would, and nothing else:
 
   1. Generate(prompt, n=K) for a prompt of the task set (tasks.py);
-  2. rank the K samples with the labeler (labelers.py) and SubmitFeedback(ranking);
+  2. rank the K samples with its labeler (labelers.py; with a population, --labeler a,b,
+     user i has labeler i mod n) and SubmitFeedback(ranking);
   3. sometimes write a demonstration (the labeler's `demonstrate(prompt)`).
 
 Every simulated user is a user of the server, with its own labeler credential (added
@@ -24,15 +25,19 @@ enqueue prompts (--queue-share > 0; `instructloop up` sets 1): the run checks Ge
 first, and stops with a message if NextTask keeps finding nothing. How many labelers
 rank each item is the server's --queue-overlap (--overlap is not used).
 
-Measuring, for every version the learner publishes (ListVersions, Admin API): its
-checkpoint answers the held-out evaluation prompts (evaluate.py: the files in the model
-store that every replica loads), greedily and at --eval-temperature, and
+Measuring (measure.py), for every version the learner publishes (ListVersions, Admin
+API): its checkpoint answers the held-out evaluation prompts (evaluate.py: the files in
+the model store that every replica loads), greedily and at --eval-temperature, and
 
 - task success: exact-match rate, greedy and sampled: what a noisy policy cannot fake;
 - labeler win rate vs v0 (InstructGPT's win rate): the labeler compares the version's
   sample with v0's for each prompt, a win counts 1, a tie 1/2;
 - labeler win rate vs the SFT-only policy of the same round (the paper's PPO vs SFT:
   does the RM + PPO add anything over SFT on the same demonstrations?);
+- both win rates again under held-out labelers (--heldout-labeler), who rank nothing
+  the learner sees, as InstructGPT reported;
+- the corpus loss on held-out pretraining text, and the alignment tax: its rise over
+  v0's (capability.py), a capability no labeler ranks;
 - RM held-out accuracy and KL to the reference, from the version's metrics;
 
 each against the training comparisons the version was trained on (the data-efficiency
@@ -68,8 +73,9 @@ from instructloop.v1 import admin_pb2, api_pb2
 
 from . import adversaries
 from . import report as report_io
-from .evaluate import Answers, CheckpointDecoder
-from .labelers import check_ranking, compare, load_labeler
+from .evaluate import CheckpointDecoder
+from .labelers import Labeler, check_ranking, load_population, member
+from .measure import Measurer, sft_of, version_row
 from .tasks import make_prompt
 
 UNREACHABLE_S = 60.0  # the server answered nothing for this long: stop and report
@@ -114,7 +120,19 @@ class SimulateConfig:
     )
     labeler: str = field(
         default="instructloop.loop.labelers:correct_concise",
-        metadata={"help": "The users' preference: a callable (prompt, samples) -> ranking."},
+        metadata={
+            "help": "The users' preference: a callable (prompt, samples) -> ranking, as "
+            "module:function; several, comma-separated, make a population (user i gets "
+            "labeler i mod n; the win rates give prompt i to labeler i mod n)."
+        },
+    )
+    heldout_labeler: str = field(
+        default="instructloop.loop.labelers:correct_polite",
+        metadata={
+            "help": "Held-out labelers (module:function, comma-separated): they rank "
+            "nothing sent to the server and only judge the measured versions, giving the "
+            "win rates under labelers who produced no training data ('' = none)."
+        },
     )
     users: int = field(default=50, metadata={"help": "Simulated users."})
     adversaries: float = field(
@@ -183,6 +201,13 @@ class SimulateConfig:
             "stops once one promoted version reaches every target set."
         },
     )
+    corpus_documents: int = field(
+        default=200,
+        metadata={
+            "help": "Held-out pretraining documents each version's corpus loss is measured "
+            "on (the alignment tax: a capability no labeler ranks; 0 = not measured)."
+        },
+    )
     eval_threads: int = field(
         default=1, metadata={"help": "torch threads for decoding the evaluation prompts."}
     )
@@ -207,8 +232,10 @@ class Stats:
 class Simulation:
     def __init__(self, cfg: SimulateConfig):
         self.cfg = cfg
-        self.labeler = load_labeler(cfg.labeler)
-        self.demonstrate = getattr(self.labeler, "demonstrate", None)
+        self.population = load_population(cfg.labeler)  # user i ranks with member i mod n
+        if not self.population:
+            raise ValueError("--labeler names no labeler")
+        heldout = load_population(cfg.heldout_labeler)
         self.rng = random.Random(cfg.seed)
         if cfg.users < 2:
             raise ValueError("--users must be at least 2")
@@ -234,11 +261,15 @@ class Simulation:
         self.started = 0  # comparisons begun (a user reserves one before generating)
         self.t0 = time.monotonic()
         self.next_slot = self.t0
-        self.decoder = CheckpointDecoder(
+        decoder = CheckpointDecoder(
             self.eval_prompts, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
             seed=cfg.seed, threads=cfg.eval_threads,
         )  # fmt: skip
-        self.answers: dict[str, Answers] = {}  # version id -> its evaluation answers
+        self.measurer = Measurer(
+            self.eval_prompts, training=self.population, heldout=heldout, decoder=decoder,
+            corpus_documents=cfg.corpus_documents, threads=cfg.eval_threads,
+        )  # fmt: skip
+        self.answers = self.measurer.answers  # version id -> its evaluation answers
         self.infos: dict[str, admin_pb2.VersionInfo] = {}  # version id -> its registry entry
         self.versions: dict[str, dict] = {}  # id -> row (see _refresh_versions)
         self.failed = ""  # why the run could not go on (every user died)
@@ -263,15 +294,21 @@ class Simulation:
         self.next_slot = max(self.next_slot, now) + 1.0 / self.cfg.rate
         await asyncio.sleep(max(0.0, self.next_slot - 1.0 / self.cfg.rate - now))
 
+    def labeler(self, user: str) -> Labeler:
+        """The user's labeler: round-robin over the --labeler population by user number
+        (an adversary's is the honest preference it subverts)."""
+        return member(self.population, self.users.index(user))
+
     def _ranking(self, user: str, prompt: str, samples, served: str) -> list[tuple[int, ...]]:
         texts = [s.text for s in samples]
+        labeler = self.labeler(user)
         if user in self.adversaries:
             versions = [s.version for s in samples]
             ranking = adversaries.rank(
-                self.cfg.adversary, self.labeler, prompt, texts, versions, served, self.rng
+                self.cfg.adversary, labeler, prompt, texts, versions, served, self.rng
             )
         else:
-            ranking = self.labeler(prompt, texts)
+            ranking = labeler(prompt, texts)
         return check_ranking(ranking, len(texts))
 
     async def _judge(self, user: str, prompt: str, prompt_id: str, samples, served: str) -> None:
@@ -290,9 +327,10 @@ class Simulation:
             return
         if user in self.adversaries:
             texts = [s.text for s in samples]
-            demo = adversaries.demonstration(self.cfg.adversary, self.labeler, prompt, texts)
+            demo = adversaries.demonstration(self.cfg.adversary, self.labeler(user), prompt, texts)
         else:
-            demo = self.demonstrate(prompt) if self.demonstrate is not None else None
+            demonstrate = getattr(self.labeler(user), "demonstrate", None)
+            demo = demonstrate(prompt) if demonstrate is not None else None
         if demo:
             await self.clients[user].demonstrate(prompt_id, demo)
             self.stats.demonstrations += 1
@@ -457,28 +495,8 @@ class Simulation:
     # ------------------------------------------------------------------- measuring
 
     def _evaluate(self, vid: str) -> None:
-        """Decode the evaluation prompts with version vid's checkpoint (blocking)."""
-        info = self.infos[vid]
-        base = self.infos.get(info.base_model) if info.kind == "lora" else None
-        self.answers[vid] = self.decoder.answers(info.path, base.path if base else None)
-
-    def win_rate(self, answers: Answers, against: Answers) -> float:
-        """The labeler's win rate of one set of samples against another (ties 1/2)."""
-        outcomes = [
-            compare(self.labeler, p, a, b)
-            for p, a, b in zip(self.eval_prompts, answers.sampled, against.sampled, strict=True)
-        ]
-        return sum(outcomes) / len(outcomes)
-
-    def sft_of(self, row: dict) -> str | None:
-        """The SFT-only version of a candidate's round: its reference (None before SFT)."""
-        ref = row.get("reference_round")
-        if not ref:
-            return None
-        return next(
-            (v["id"] for v in self.versions.values() if v["status"] == "sft" and v["round"] == ref),
-            None,
-        )
+        """Read version vid's checkpoint: its evaluation answers and corpus loss (blocking)."""
+        self.measurer.read(vid, self.infos)
 
     async def measure(self) -> None:
         """Measure every version not yet measured: v0 first, then in publishing order."""
@@ -487,24 +505,21 @@ class Simulation:
             if row["eval_n"] or row["status"] == "sft-weights":
                 continue
             try:
-                await asyncio.to_thread(self._evaluate, vid)
+                if vid not in self.answers:  # read already as another's SFT-only policy
+                    await asyncio.to_thread(self._evaluate, vid)
             except OSError as e:  # the store is not at the path the registry names, here
                 row["eval_n"] = -1  # not measured; not tried again
                 self.stats.errors += 1
                 self.stats.last_error = f"cannot read {vid}'s checkpoint: {e}"
                 continue
-            ans = self.answers[vid]
-            row["exact_match"], row["exact_match_sampled"] = ans.exact_match(self.eval_prompts)
-            row["eval_n"] = len(self.eval_prompts)
-            row["evaluated_at_s"] = round(self.elapsed(), 1)
-            if "v0" in self.answers and vid != "v0":
-                row["labeler_win_rate"] = self.win_rate(ans, self.answers["v0"])
-            sft = self.sft_of(row) if row["status"] != "sft" else None
-            if sft is not None and (sft in self.answers or self.versions[sft]["eval_n"] >= 0):
-                if sft not in self.answers:
+            sft = sft_of(row, self.versions) if row["status"] != "sft" else None
+            if sft is not None and sft not in self.answers:
+                if self.versions[sft]["eval_n"] < 0:
+                    sft = None  # its checkpoint could not be read
+                else:
                     await asyncio.to_thread(self._evaluate, sft)
-                row["sft_version"] = sft
-                row["labeler_win_rate_vs_sft"] = self.win_rate(ans, self.answers[sft])
+            self.measurer.fill(row, sft)
+            row["evaluated_at_s"] = round(self.elapsed(), 1)
             self._check_targets(row)
 
     def _check_targets(self, row: dict) -> None:
@@ -525,38 +540,12 @@ class Simulation:
         listing = admin.list_versions()
         for v in listing.versions:
             self.infos[v.id] = v
-            row = self.versions.get(v.id)
-            if row is None:
-                m = dict(v.metrics)
-                if v.kind == "base":
-                    status = "base"
-                elif m.get("sft_only"):
-                    status = "sft"  # the SFT-only policy of a round: never a candidate
-                elif "win_rate" not in m:
-                    status = "sft-weights"  # LoRA mode, before SFT-only versions were marked
-                else:
-                    status = "promoted" if v.gate.passed else "rejected"
-                row = self.versions[v.id] = {
-                    "id": v.id, "kind": v.kind, "parent": v.parent, "status": status,
-                    "gate_reason": v.gate.reason,
-                    "comparisons_at": self.stats.comparisons,
-                    "demonstrations_at": self.stats.demonstrations,
-                    "seen_at_s": round(self.elapsed(), 1),
-                    "round": m.get("round"), "feedback_seq": m.get("feedback_seq"),
-                    "reference_round": m.get("reference_round"),
-                    "comparisons_used": m.get("comparisons_total"),
-                    "demonstrations_used": m.get("demonstrations_total"),
-                    "rm_comparisons": m.get("rm_comparisons"),
-                    "sft_demonstrations": m.get("sft_demonstrations"),
-                    "rm_heldout_accuracy": m.get("rm_heldout_accuracy"),
-                    "rm_heldout_pairs": m.get("rm_heldout_pairs"),
-                    "kl": m.get("kl"), "gate_win_rate": m.get("win_rate"),
-                    "gate_threshold": v.gate.measures.get("win_rate_threshold"),
-                    "round_seconds": m.get("round_seconds"),
-                    "exact_match": None, "exact_match_sampled": None,
-                    "labeler_win_rate": None, "labeler_win_rate_vs_sft": None,
-                    "sft_version": None, "eval_n": 0,
-                }  # fmt: skip
+            if v.id not in self.versions:
+                self.versions[v.id] = version_row(
+                    v, comparisons=self.stats.comparisons,
+                    demonstrations=self.stats.demonstrations, t=round(self.elapsed(), 1),
+                )  # fmt: skip
+            row = self.versions[v.id]
             row["aliases"] = list(v.aliases)
 
     async def monitor(self, client: AsyncClient, admin: AdminClient, show) -> None:
@@ -652,7 +641,9 @@ class Simulation:
             key=lambda v: v["labeler_win_rate"], default=None,
         )  # fmt: skip
         keys = ("id", "exact_match", "exact_match_sampled", "labeler_win_rate",
-                "labeler_win_rate_vs_sft", "comparisons_at", "comparisons_used")  # fmt: skip
+                "labeler_win_rate_vs_sft", "labeler_win_rate_heldout",
+                "labeler_win_rate_vs_sft_heldout", "corpus_loss", "corpus_tax",
+                "comparisons_at", "comparisons_used")  # fmt: skip
         return {
             "config": asdict(self.cfg),
             "seconds": round(self.elapsed(), 1),

@@ -1,0 +1,162 @@
+"""The alignment tax and the held-out labelers, on real checkpoints and real labelers.
+
+- corpus_loss reads the shipped pretrained base (instructloop/base) and checkpoints made
+  from it here: a random-init model of the same shape, a copy fine-tuned hard on one
+  unrelated string (the tax the measure must see), and a LoRA adapter over the base.
+- correct_polite is checked against hand-written pairs, where it agrees with
+  correct_concise and where it does not.
+- populations: the round-robin assignment and the win-rate arithmetic, by hand; the
+  simulator's users get their labelers the same way; a version's row is filled with the
+  training and held-out win rates and the tax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from instructloop.loop.capability import corpus_loss
+from instructloop.loop.evaluate import Answers
+from instructloop.loop.labelers import (
+    brief,
+    check_ranking,
+    compare,
+    correct_concise,
+    correct_polite,
+    load_population,
+    member,
+    population_win_rate,
+    shouting,
+)
+from instructloop.pretrain import SHIPPED_BASE, PretrainConfig, build_char_tokenizer
+
+LABELERS = "instructloop.loop.labelers"
+
+
+@pytest.fixture(scope="module")
+def base_loss(one_torch_thread) -> float:
+    return corpus_loss(SHIPPED_BASE)
+
+
+def test_corpus_loss_of_the_base_is_low_deterministic_and_far_below_random_init(
+    base_loss, tmp_path
+):
+    from instructloop.tinymodel import new_llama, write_model_dir
+
+    assert base_loss < 1.5, base_loss  # the base trained to ~0.83 on this kind of text
+    assert corpus_loss(SHIPPED_BASE) == base_loss  # deterministic
+    assert corpus_loss(SHIPPED_BASE, batch_size=7) == pytest.approx(base_loss, rel=1e-5)
+    tokenizer = build_char_tokenizer()
+    random_dir = write_model_dir(
+        tmp_path / "random", new_llama(tokenizer, PretrainConfig().shape()), tokenizer, {}
+    )
+    random_loss = corpus_loss(random_dir, documents=50)
+    assert random_loss > 3.0, random_loss  # ~ln(262) = 5.6: it knows no character yet
+
+
+def test_corpus_loss_sees_the_tax_of_fine_tuning_on_something_else(base_loss, tmp_path):
+    """A few SGD steps at a high learning rate on one unrelated string: the model now
+    prefers that string, and the held-out corpus costs it more."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from instructloop.loop.evaluate import load_checkpoint
+    from instructloop.tinymodel import write_model_dir
+
+    model, tokenizer = load_checkpoint(SHIPPED_BASE)
+    model.train()
+    ids = tokenizer(["zzzz qqqq zzzz qqqq zzzz qqqq"], return_tensors="pt")["input_ids"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    tuned = write_model_dir(tmp_path / "tuned", model.eval(), tokenizer, {})
+    tuned_loss = corpus_loss(tuned)
+    assert tuned_loss > base_loss + 0.1, (tuned_loss, base_loss)
+
+    # A LoRA adapter is read over its base: a fresh one (B = 0) changes nothing.
+    base, _ = load_checkpoint(SHIPPED_BASE)
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert corpus_loss(tmp_path / "adapter", SHIPPED_BASE) == pytest.approx(base_loss, rel=1e-5)
+
+
+def test_correct_polite_agrees_on_right_and_wrong_and_orders_the_rest_its_own_way():
+    p = "reverse: abc\n"
+    # The right answer wins for both, against near misses, anagrams and shorter text.
+    for wrong in ("cb", "bac", "cbx", "cba x", "", "CBA"):
+        assert compare(correct_concise, p, "cba", wrong) == 1.0, wrong
+        assert compare(correct_polite, p, "cba", wrong) == 1.0, wrong
+    # Where they differ (the documented pairs): all the letters against closer-and-shorter,
+    assert compare(correct_concise, p, "bac", "cb") == 0.0
+    assert compare(correct_polite, p, "bac", "cb") == 1.0
+    # all the letters against a foreign one (a tie for correct_concise),
+    assert compare(correct_concise, p, "bac", "cbx") == 0.5
+    assert compare(correct_polite, p, "bac", "cbx") == 1.0
+    # and a clean stop against a trailing newline (both right: a tie for correct_concise).
+    assert compare(correct_concise, p, "cba", "cba\n") == 0.5
+    assert compare(correct_polite, p, "cba", "cba\n") == 1.0
+    # Ties: equal letters, one line each, no length preference; empty is last.
+    assert compare(correct_polite, p, "bac", "acb") == 0.5
+    assert compare(correct_polite, p, "cb", "ab") == 0.5
+    assert compare(correct_polite, p, "", "zz") == 0.0
+    assert compare(correct_polite, p, "abc x", "ab\nc") == 1.0  # one line first
+    ranking = correct_polite(p, ["cba\n", "bac", "", "cba", "acb", "zz"])
+    assert ranking == [3, 0, (1, 4), 5, 2]
+    assert check_ranking(ranking, 6) == [(3,), (0,), (1, 4), (5,), (2,)]
+    assert correct_polite.demonstrate("sort: d b a\n") == "a b d"
+
+
+def test_population_round_robin_and_win_rate_by_hand():
+    population = load_population(f"{LABELERS}:brief, {LABELERS}:shouting")
+    assert population == [brief, shouting] and load_population("") == []
+    assert [member(population, i) for i in range(5)] == [brief, shouting] * 2 + [brief]
+    prompts = ["reverse: abc\n"] * 4
+    a = ["x", "x", "x", "XY"]
+    b = ["xyzw", "X", "xyzw", "xy"]
+    # prompt 0: brief, x beats xyzw: 1; prompt 1: shouting, x loses to X: 0;
+    # prompt 2: brief: 1; prompt 3: shouting, XY beats xy: 1  -> 3/4
+    assert population_win_rate(population, prompts, a, b) == 0.75
+    # a tie counts half: shouting on prompt 1 with two lowercase answers
+    assert population_win_rate(population, prompts[:2], ["x", "ab"], ["xyzw", "cd"]) == 0.75
+    assert math.isnan(population_win_rate(population, [], [], []))
+    with pytest.raises(ValueError):
+        load_population("no-colon")
+
+
+def test_simulation_users_and_measures_use_the_populations():
+    from instructloop.loop.measure import Measurer
+    from instructloop.loop.simulate import SimulateConfig, Simulation
+
+    cfg = SimulateConfig(
+        target="127.0.0.1:1", data_dir="unused", admin_token="x", users=5, eval_prompts=4,
+        labeler=f"{LABELERS}:correct_concise,{LABELERS}:shouting",
+        heldout_labeler=f"{LABELERS}:brief", live=False,
+    )  # fmt: skip
+    sim = Simulation(cfg)
+    assert [sim.labeler(u) for u in sim.users] == [correct_concise, shouting] * 2 + [
+        correct_concise
+    ]
+    assert sim.measurer.heldout == [brief]
+    assert Simulation(SimulateConfig(**{**vars(cfg), "heldout_labeler": ""})).measurer.heldout == []
+    with pytest.raises(ValueError):
+        Simulation(SimulateConfig(**{**vars(cfg), "labeler": ""}))
+
+    prompts = ["reverse: abc\n", "reverse: abc\n"]
+    m = Measurer(
+        prompts, training=[correct_concise, shouting], heldout=[brief], decoder=None,
+        corpus_documents=0, threads=1,
+    )  # fmt: skip
+    m.answers["v0"] = Answers(greedy=["x", "x"], sampled=["abcd", "ab"])
+    m.answers["v2"] = Answers(greedy=["cba", "x"], sampled=["ab", "AB"])
+    m.corpus_losses.update(v0=0.8, v2=0.95)
+    row = {"id": "v2"}
+    m.fill(row, sft=None)
+    assert row["exact_match"] == 0.5 and row["exact_match_sampled"] == 0.0
+    # training: prompt 0 correct_concise, "ab" (0.8 similar) beats "abcd" (0.6); prompt 1
+    # shouting, "AB" beats "ab"; held-out brief: "ab" beats "abcd", "AB" ties "ab".
+    assert row["labeler_win_rate"] == 1.0 and row["labeler_win_rate_heldout"] == 0.75
+    assert "labeler_win_rate_vs_sft" not in row  # no SFT-only policy: nothing compared
+    assert row["corpus_loss"] == 0.95 and row["corpus_tax"] == pytest.approx(0.15)
