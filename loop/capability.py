@@ -27,7 +27,11 @@ corpus writes the same skills). The shipped base scores 0.827 (a random-init mod
 its shape 5.60); the 200 default documents (~23k tokens) take about 1.5 s on one CPU
 thread, plus loading the checkpoint.
 
-The checkpoint is read as the evaluation reads it (evaluate.py `load_checkpoint`: a full
+`count_exact_match` is a second, more readable probe of the same kind: the share of
+"count: WORDS = " prompts the version continues with the right number of words (a skill
+of the corpus that no task asks; the shipped base gets 0.63, a random-init model 0).
+
+The checkpoints are read as the evaluation reads them (evaluate.py `load_checkpoint`: a full
 checkpoint, or a LoRA adapter merged over its base), in float32 on CPU, deterministically.
 """
 
@@ -81,3 +85,42 @@ def corpus_loss(
             total += nll.item()
             count += ids[:, 1:].numel()
     return total / count
+
+
+def count_exact_match(
+    path: str | Path,
+    base_path: str | Path | None = None,
+    *,
+    prompts: int = 200,
+    seed: int = HELDOUT_SEED,
+    threads: int = 1,
+) -> float:
+    """A second skill no labeler ranks: counting words, in the corpus's own phrasing.
+
+    The share of `prompts` prompts "count: WORDS = " (1 to 4 words of the corpus
+    vocabulary: the prompt stays inside the 48-token pretraining context) whose greedy
+    next token is the number of words. `_count_sentence` in instructloop.pretrain writes
+    this skill with several phrasings; this is one of them, its answer one digit. The
+    task set's "count: WORDS" format (loop/tasks.py `answer`) is never asked of the
+    labelers, so nothing trains it after pretraining. Chance is about 1/4 for a model
+    that only learned that a digit 1-4 follows.
+    """
+    import random
+
+    import torch
+
+    from instructloop.tinymodel import WORDS
+
+    from .evaluate import load_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_checkpoint(path, base_path)  # left padding: greedy continuations
+    rng = random.Random(seed)
+    items = [rng.sample(WORDS, rng.randint(1, 4)) for _ in range(prompts)]
+    enc = tokenizer([f"count: {' '.join(w)} = " for w in items], return_tensors="pt", padding=True)
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # [B, T] as unpadded
+    with torch.no_grad():
+        logits = model(**enc, position_ids=positions).logits[:, -1]  # [B, V]: the next token
+    first = tokenizer.batch_decode(logits.argmax(-1)[:, None])
+    return sum(t == str(len(w)) for t, w in zip(first, items, strict=True)) / prompts

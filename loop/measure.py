@@ -11,7 +11,8 @@ checkpoint has been read (`Measurer.fill`):
   anything the learner saw; prompt i is judged by member i mod n of each (labelers.py
   `population_win_rate`);
 - `corpus_loss` on held-out pretraining text, a capability no labeler ranks
-  (capability.py), and the alignment tax `corpus_tax` = corpus_loss - v0's.
+  (capability.py), and the alignment tax `corpus_tax` = corpus_loss - v0's; and
+  `count_exact_match`, a skill of that text no task asks (counting words).
 
 The RM held-out accuracy and the KL come from the version's own metrics.
 """
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 from instructloop.v1 import admin_pb2
 
-from .capability import corpus_loss
+from .capability import corpus_loss, count_exact_match
 from .evaluate import Answers, CheckpointDecoder
 from .labelers import Labeler, population_win_rate
 
@@ -31,7 +32,7 @@ MEASURES = (  # filled by Measurer.fill; None until then (or when there is nothi
     "exact_match", "exact_match_sampled",
     "labeler_win_rate", "labeler_win_rate_vs_sft",
     "labeler_win_rate_heldout", "labeler_win_rate_vs_sft_heldout",
-    "corpus_loss", "corpus_tax", "sft_version",
+    "corpus_loss", "corpus_tax", "count_exact_match", "sft_version",
 )  # fmt: skip
 
 
@@ -94,6 +95,7 @@ class Measurer:
         self.corpus_documents, self.threads = corpus_documents, threads
         self.answers: dict[str, Answers] = {}  # version id -> its evaluation answers
         self.corpus_losses: dict[str, float] = {}  # version id -> nats/token
+        self.counting: dict[str, float] = {}  # version id -> count_exact_match
 
     def read(self, vid: str, infos: dict[str, admin_pb2.VersionInfo]) -> None:
         """Decode the evaluation prompts with version vid's checkpoint, and score the
@@ -106,6 +108,7 @@ class Measurer:
             self.corpus_losses[vid] = corpus_loss(
                 info.path, base_path, documents=self.corpus_documents, threads=self.threads
             )
+            self.counting[vid] = count_exact_match(info.path, base_path, threads=self.threads)
 
     def fill(self, row: dict, sft: str | None) -> None:
         """The measures of a read version against v0 and its round's SFT-only policy
@@ -114,6 +117,7 @@ class Measurer:
         row["exact_match"], row["exact_match_sampled"] = ans.exact_match(self.prompts)
         row["eval_n"] = len(self.prompts)
         row["corpus_loss"] = self.corpus_losses.get(vid)
+        row["count_exact_match"] = self.counting.get(vid)
         v0_loss = self.corpus_losses.get("v0")
         if row["corpus_loss"] is not None and v0_loss is not None:
             row["corpus_tax"] = row["corpus_loss"] - v0_loss

@@ -2,7 +2,8 @@
 
 The plot has five panels over the training comparisons each version was trained on
 (its `comparisons_total` metric; the count sent when it appeared, where a version has
-none): greedy and sampled exact-match on the held-out prompts; the win rate against v0
+none): greedy and sampled exact-match on the held-out prompts, and counting, a skill of
+the pretraining corpus that no labeler ranks; the win rate against v0
 and against the round's SFT-only policy, by the training labelers (solid colours) and
 by the held-out labelers (lighter ones); the corpus loss on held-out pretraining text,
 with v0's as a grey line (the alignment tax is the height above it); the reward model's
@@ -56,7 +57,8 @@ def write_plot(report: dict, out_dir: Path) -> Path:
     versions = sorted(report["versions"], key=_x)
     panels = (
         ("task success (exact match)", 0, 1.02,
-         (("exact_match", "greedy", "tab:blue"), ("exact_match_sampled", "sampled", "tab:cyan"))),
+         (("exact_match", "greedy", "tab:blue"), ("exact_match_sampled", "sampled", "tab:cyan"),
+          ("count_exact_match", "counting (unranked)", "tab:olive"))),
         ("labeler win rate", 0, 1.02,
          (("labeler_win_rate", "vs v0", "tab:green"),
           ("labeler_win_rate_vs_sft", "vs SFT-only", "tab:purple"),
@@ -84,7 +86,8 @@ def write_plot(report: dict, out_dir: Path) -> Path:
         ax.set_ylabel(title, fontsize=8)
         if lo is not None:
             ax.set_ylim(lo, hi)
-        ax.legend(loc="best", fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel with no data has no legend
+            ax.legend(loc="best", fontsize=7)
     cfg = report["config"]
     if cfg.get("target_exact_match"):
         axes[0].axhline(cfg["target_exact_match"], color="grey", ls="--", lw=1)

@@ -37,7 +37,8 @@ the model store that every replica loads), greedily and at --eval-temperature, a
 - both win rates again under held-out labelers (--heldout-labeler), who rank nothing
   the learner sees, as InstructGPT reported;
 - the corpus loss on held-out pretraining text, and the alignment tax: its rise over
-  v0's (capability.py), a capability no labeler ranks;
+  v0's (capability.py), a capability no labeler ranks; and counting, a skill of that
+  text no task asks;
 - RM held-out accuracy and KL to the reference, from the version's metrics;
 
 each against the training comparisons the version was trained on (the data-efficiency
@@ -205,7 +206,8 @@ class SimulateConfig:
         default=200,
         metadata={
             "help": "Held-out pretraining documents each version's corpus loss is measured "
-            "on (the alignment tax: a capability no labeler ranks; 0 = not measured)."
+            "on (the alignment tax: a capability no labeler ranks; 0 = neither it nor the "
+            "counting probe is measured)."
         },
     )
     eval_threads: int = field(
@@ -643,6 +645,7 @@ class Simulation:
         keys = ("id", "exact_match", "exact_match_sampled", "labeler_win_rate",
                 "labeler_win_rate_vs_sft", "labeler_win_rate_heldout",
                 "labeler_win_rate_vs_sft_heldout", "corpus_loss", "corpus_tax",
+                "count_exact_match",
                 "comparisons_at", "comparisons_used")  # fmt: skip
         return {
             "config": asdict(self.cfg),

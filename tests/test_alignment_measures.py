@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from instructloop.loop.capability import corpus_loss
+from instructloop.loop.capability import corpus_loss, count_exact_match
 from instructloop.loop.evaluate import Answers
 from instructloop.loop.labelers import (
     brief,
@@ -53,6 +53,9 @@ def test_corpus_loss_of_the_base_is_low_deterministic_and_far_below_random_init(
     )
     random_loss = corpus_loss(random_dir, documents=50)
     assert random_loss > 3.0, random_loss  # ~ln(262) = 5.6: it knows no character yet
+    # The counting probe: a skill of the corpus that the base has (0.63) and noise lacks.
+    assert count_exact_match(SHIPPED_BASE) > 0.45
+    assert count_exact_match(random_dir, prompts=50) < 0.15
 
 
 def test_corpus_loss_sees_the_tax_of_fine_tuning_on_something_else(base_loss, tmp_path):
@@ -160,3 +163,28 @@ def test_simulation_users_and_measures_use_the_populations():
     assert row["labeler_win_rate"] == 1.0 and row["labeler_win_rate_heldout"] == 0.75
     assert "labeler_win_rate_vs_sft" not in row  # no SFT-only policy: nothing compared
     assert row["corpus_loss"] == 0.95 and row["corpus_tax"] == pytest.approx(0.15)
+
+
+def test_report_plot_shows_the_new_measures(tmp_path):
+    """report.png draws the held-out win rates and the corpus-loss panel from rows that
+    have them (and from rows of an older report.json that do not)."""
+    from instructloop.loop.report import write_plot
+    from instructloop.loop.simulate import SimulateConfig
+
+    def row(vid, status, n, **measures):
+        return {"id": vid, "status": status, "comparisons_at": n, "comparisons_used": n,
+                **measures}  # fmt: skip
+
+    report = {
+        "config": vars(SimulateConfig(target="x", data_dir="x")),
+        "versions": [
+            row("v0", "base", 0, exact_match=0.0, corpus_loss=0.83, count_exact_match=0.6),
+            row("v1", "sft", 100, exact_match=0.5, corpus_loss=0.9, labeler_win_rate=0.9),
+            row("v2", "promoted", 100, exact_match=0.6, labeler_win_rate=0.95,
+                labeler_win_rate_heldout=0.7, labeler_win_rate_vs_sft_heldout=0.55,
+                corpus_loss=0.95, corpus_tax=0.12, count_exact_match=0.5, kl=3.0),
+            row("v3", "rejected", 150, exact_match=0.4),
+        ],
+    }  # fmt: skip
+    path = write_plot(report, tmp_path)
+    assert path.stat().st_size > 10_000
