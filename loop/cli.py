@@ -45,8 +45,8 @@ def _view(sim):
     table = Table(box=None, header_style="bold")
     heldout = bool(sim.measurer.heldout)
     columns = ("version", "status", "comps used", "exact greedy", "exact sampled",
-               "win vs v0", "win vs SFT") + ("held-out vs v0", "held-out vs SFT") * heldout + (
-               "corpus loss (tax)", "RM held-out acc", "KL", "gate (RM) win")  # fmt: skip
+               "win vs v0", "win vs SFT") + ("held-out v0", "held-out SFT") * heldout + (
+               "corpus (tax)", "RM held-out acc", "KL", "gate (RM) win")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "status" else "right")
     rows = sorted(sim.versions.values(), key=lambda v: (v["seen_at_s"], v["id"]))
@@ -69,8 +69,9 @@ def _view(sim):
     goals += [f"win vs v0 >= {sim.cfg.target_win_rate:.0%}"] * bool(sim.cfg.target_win_rate)
     foot = Text(
         f"goal: a promoted version with {' and '.join(goals) or 'no target'}   "
-        f"({len(sim.eval_prompts)} held-out prompts; * = current; corpus loss: nats/token on "
-        "held-out pretraining text, tax: minus v0's)"
+        f"({len(sim.eval_prompts)} held-out prompts; * = current; held-out: the win rates "
+        "by --heldout-labeler; corpus: loss in nats/token on held-out pretraining text, tax "
+        "= minus v0's)"
     )
     if s.last_error:
         foot.append(f"\nlast error: {s.last_error}", style="red")
@@ -132,6 +133,15 @@ def _simulate(args: argparse.Namespace) -> int:
                 else "none"
             )
             + "[/yellow]"
+        )
+    if best:
+        console.print(
+            f"{best['id']}: held-out labelers' win vs v0 "
+            f"{_fmt(best['labeler_win_rate_heldout'], '.1%')}, vs SFT-only "
+            f"{_fmt(best['labeler_win_rate_vs_sft_heldout'], '.1%')}; alignment tax "
+            f"{_fmt(best['corpus_tax'], '+.3f')} nats/token on held-out corpus text "
+            f"(corpus loss {_fmt(best['corpus_loss'])}), counting "
+            f"{_fmt(best['count_exact_match'], '.1%')}"
         )
     d = report.get("detection") or {}
     if d:

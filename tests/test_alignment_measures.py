@@ -164,6 +164,25 @@ def test_simulation_users_and_measures_use_the_populations():
     assert "labeler_win_rate_vs_sft" not in row  # no SFT-only policy: nothing compared
     assert row["corpus_loss"] == 0.95 and row["corpus_tax"] == pytest.approx(0.15)
 
+    # The live table shows them: a v0 row and a measured candidate row.
+    from rich.console import Console
+
+    from instructloop.loop.cli import _view
+    from instructloop.loop.measure import version_row
+    from instructloop.v1 import admin_pb2
+
+    for vid, kind in (("v0", "base"), ("v2", "full")):
+        sim.versions[vid] = version_row(
+            admin_pb2.VersionInfo(id=vid, kind=kind), comparisons=0, demonstrations=0, t=0.0
+        )
+    sim.versions["v2"].update(row, status="promoted")
+    sim.versions["v0"].update(corpus_loss=0.8, corpus_tax=0.0)
+    console = Console(record=True, width=250)
+    console.print(_view(sim))
+    text = console.export_text()
+    assert "held-out v0" in text and "corpus (tax)" in text
+    assert "0.950 (+0.150)" in text and "0.750" in text, text
+
 
 def test_report_plot_shows_the_new_measures(tmp_path):
     """report.png draws the held-out win rates and the corpus-loss panel from rows that
