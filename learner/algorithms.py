@@ -367,6 +367,7 @@ def _train_group(algorithm, ppo_cfg, align_cfg: AlignConfig, prompts, policy_dir
             "train_loss": float(result.training_loss),
             "score_first": reward.step_means[0] if reward.step_means else NAN,
             "score_last": _tail_mean(reward.step_means),
+            "kl_first": (_history(trainer, "kl") or [NAN])[0],
             "kl_last": _tail_mean(_history(trainer, "kl")), "device": str(device),
         }  # fmt: skip
         _save(trainer, tokenizer, out_dir, {"config": asdict(align_cfg), "metrics": metrics})

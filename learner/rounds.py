@@ -376,6 +376,7 @@ class Learner:
         )  # fmt: skip
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
         gate["algorithm"] = algorithm  # a string: manifest metrics are floats only
+        gate["reason"] = f"{algorithm}: {gate['reason']}"  # what `models show` displays
         gate["learner"] = str(self.data_dir.resolve())  # which learner's round this is
 
         # ---- 5. publish (from here on the round completes: the steps are short)

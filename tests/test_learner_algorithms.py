@@ -24,7 +24,7 @@ from conftest import launch_server, stop_server, wait_serving
 from instructloop.clients import Client
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import rounds, synthetic
-from instructloop.learner.algorithms import RewardModelScore, dpo_pairs
+from instructloop.learner.algorithms import RewardModelScore, dpo_pairs, ptx_texts, train_policy
 from instructloop.learner.config import (
     AlignConfig,
     LearnerConfig,
@@ -34,10 +34,17 @@ from instructloop.learner.config import (
     SFTStepConfig,
 )
 from instructloop.learner.consumer import ConsumerConfig
-from instructloop.learner.dataset import Comparison, Dataset, DatasetConfig, user_split
+from instructloop.learner.dataset import (
+    Comparison,
+    Dataset,
+    DatasetConfig,
+    Demonstration,
+    user_split,
+)
 from instructloop.learner.main import Configs, run
 from instructloop.learner.ppo import load_policy, rollout_of
 from instructloop.learner.reward import load_reward_model
+from instructloop.pretrain import PretrainConfig, pretraining_corpus
 from instructloop.registry import Registry, load_registry_key
 from instructloop.secretfile import load_secret
 from instructloop.store import ModelStore
@@ -84,6 +91,33 @@ def test_the_reward_function_is_our_reward_models_score(tiny_model, tmp_path):
         ]
     assert got == pytest.approx([w.item() for w in want], abs=1e-5)
     assert reward.step_means == [pytest.approx(sum(got) / 2)] and reward.samples == 2
+
+
+def test_grpo_is_held_to_our_reference_not_its_start(tiny_model, tmp_path):
+    """TRL builds GRPO's reference from the policy's config name; train_policy points it
+    at ref_dir. With a reference other than the start, the KL of the first step (taken
+    before any update) is not 0, as it would be against the start."""
+    from instructloop.tinymodel import TinyModelConfig, build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", TinyModelConfig(seed=7))
+    m = train_policy(
+        "grpo", ppo_cfg=PPO, align_cfg=AlignConfig(rl_num_generations=4, rl_episodes=4,
+        rl_batch_size=4), prompts=["reverse: abc\n"], comparisons=[], policy_dir=tiny_model,
+        reward_dir=tiny_model, ref_dir=other, out_dir=tmp_path / "out",
+    )  # fmt: skip
+    assert (m["episodes"], m["steps"]) == (4, 1)
+    assert m["kl_first"] > 0.01, m
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert str(other) not in json.dumps(saved)  # the name was put back before saving
+
+
+def test_ptx_text_is_the_demonstrations_or_the_pretraining_corpus():
+    demo = Demonstration("f1", "p1", "u1", "reverse: ab\n", "ba")
+    assert ptx_texts(PPOConfig(ptx_coef=0.0), [demo]) == []
+    assert ptx_texts(PPOConfig(ptx_coef=0.1), [demo]) == ["reverse: ab\nba"]
+    corpus = ptx_texts(PPOConfig(ptx_coef=0.1, ptx_data="corpus", ptx_documents=3), [demo])
+    assert corpus == pretraining_corpus(PretrainConfig().seed, 3)  # what the base learned
+    assert not set(corpus) & set(pretraining_corpus(99991, 50))  # never the held-out docs
 
 
 def test_refused_at_start(monkeypatch):
@@ -202,6 +236,7 @@ def test_round_publishes_and_hot_swaps(deployment, algorithm):
 
     # The same path as PPO's: lineage, the gate's verdict, the algorithm on record.
     assert m.gate["algorithm"] == algorithm and m.gate["passed"], m.gate
+    assert m.gate["reason"].startswith(f"{algorithm}: win rate")
     assert m.parent == serving and m.kind == "full"
     trained = {f.feedback_id for _, f in data + demos if is_train(f)}
     assert trained <= set(m.feedback_ids)
