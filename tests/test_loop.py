@@ -18,12 +18,21 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import report_row
 
 from instructloop.cli import main as instructloop_main
 from instructloop.clients import Client
 from instructloop.clients.admin import AdminClient
 from instructloop.learner.config import RoundConfig
-from instructloop.loop.labelers import brief, compare, correct_concise, shouting, vowels
+from instructloop.loop.labelers import (
+    brief,
+    compare,
+    correct_concise,
+    load_population,
+    population_win_rate,
+    shouting,
+    vowels,
+)
 from instructloop.loop.simulate import SimulateConfig, Simulation
 from instructloop.loop.tasks import answer
 from instructloop.redis_embedded import free_port
@@ -32,6 +41,7 @@ UP_TIMEOUT_S = 420
 # Faster rounds than `up`'s defaults: a test has minutes, not twenty of them. The gate
 # keeps the learner's default threshold (asserted below).
 LEARN_ARGS = "--min-comparisons 100 --max-wait-s 60 --ppo-iterations 8"
+LABELERS = "instructloop.loop.labelers"
 GREEDY_PROMPTS = ["reverse: abc\n", "sort: d b a\n", "uppercase: the day\n"]
 
 
@@ -157,6 +167,8 @@ def test_up_simulate_aligns_the_base_by_exact_match_rollback_restores_and_up_res
                 max_comparisons=400, max_minutes=9, settle_s=120, eval_prompts=200,
                 target_win_rate=0, target_exact_match=0.5, poll_s=1.0,
                 out=str(tmp_path / "sim"), live=False,
+                labeler=f"{LABELERS}:correct_concise,{LABELERS}:correct_polite",
+                heldout_labeler=f"{LABELERS}:shouting",
             )  # fmt: skip
             sim = Simulation(cfg)
             report = asyncio.run(sim.run())
@@ -181,6 +193,31 @@ def test_up_simulate_aligns_the_base_by_exact_match_rollback_restores_and_up_res
             assert any(v["labeler_win_rate_vs_sft"] is not None for v in promoted), promoted
             served = [s["version"] for s in report["served"]]
             assert served[0] == "v0" and len(served) > 1, f"never hot-swapped: {served}"
+            # The win rates are the populations' (prompt i to member i mod n), the
+            # training one's (correct_concise, correct_polite) and the held-out one's.
+            prompts, answers = report["eval"]["prompts"], report["eval"]["answers"]
+            training = load_population(cfg.labeler)
+            for v in promoted:
+                a, v0 = answers[v["id"]]["sampled"], answers["v0"]["sampled"]
+                assert v["labeler_win_rate"] == population_win_rate(training, prompts, a, v0)
+                assert v["labeler_win_rate_heldout"] == population_win_rate(
+                    [shouting], prompts, a, v0
+                )
+            assert any(v["labeler_win_rate_vs_sft_heldout"] is not None for v in promoted)
+            # The alignment tax: every measured version's corpus loss, against v0's.
+            v0_loss = versions["v0"]["corpus_loss"]
+            assert v0_loss < 1.5 and versions["v0"]["corpus_tax"] == 0.0, versions["v0"]
+            for v in promoted:
+                assert v["corpus_tax"] == pytest.approx(v["corpus_loss"] - v0_loss), v
+            for v in report["versions"]:
+                report_row(
+                    "simulate: every version's measures (training | held-out labelers)",
+                    v["id"], v["status"], f"exact {v['exact_match']}",
+                    f"win vs v0 {v['labeler_win_rate']} | {v['labeler_win_rate_heldout']}",
+                    f"vs SFT {v['labeler_win_rate_vs_sft']} | "
+                    f"{v['labeler_win_rate_vs_sft_heldout']}",
+                    f"corpus loss {v['corpus_loss']} (tax {v['corpus_tax']})",
+                )  # fmt: skip
 
             with AdminClient(target, token=(data / "admin-token").read_text().strip()) as admin:
                 # Freeze first: a round still running must not promote over the checks.
