@@ -149,8 +149,9 @@ def main() -> None:
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         trainer.train()
+        cpu_s = time.process_time() - cpu0
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -165,6 +166,7 @@ def main() -> None:
         "episodes": episodes,
         "seconds": seconds,
         "episodes_per_s": episodes / seconds,
+        "cpu_s": cpu_s,
         "response_tokens_mean": sum(lengths) / max(1, len(lengths)),
         "score_first": logs[0]["objective/scores"] if logs else None,
         "score_last": logs[-1]["objective/scores"] if logs else None,
