@@ -207,3 +207,25 @@ def test_report_plot_shows_the_new_measures(tmp_path):
     }  # fmt: skip
     path = write_plot(report, tmp_path)
     assert path.stat().st_size > 10_000
+
+
+def test_measurer_reads_a_checkpoint_from_the_registry_entry(base_loss):
+    """What simulate does for each version: decode the evaluation prompts, score the
+    held-out corpus and the counting probe, all from the path the registry names."""
+    from instructloop.loop.evaluate import CheckpointDecoder
+    from instructloop.loop.measure import Measurer
+    from instructloop.v1 import admin_pb2
+
+    prompts = ["reverse: abc\n", "sort: d b a\n"]
+    decoder = CheckpointDecoder(prompts, max_tokens=4, temperature=1.0, seed=0)
+    m = Measurer(
+        prompts, training=[correct_concise], heldout=[], decoder=decoder,
+        corpus_documents=200, threads=1,
+    )  # fmt: skip
+    infos = {"v0": admin_pb2.VersionInfo(id="v0", kind="base", path=str(SHIPPED_BASE))}
+    m.read("v0", infos)
+    assert len(m.answers["v0"].greedy) == 2 and len(m.answers["v0"].sampled) == 2
+    assert m.corpus_losses["v0"] == base_loss and m.counting["v0"] > 0.45
+    row = {"id": "v0"}
+    m.fill(row, sft=None)
+    assert row["corpus_tax"] == 0.0 and "labeler_win_rate" not in row  # v0 vs itself: none
