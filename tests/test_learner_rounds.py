@@ -563,7 +563,7 @@ HANG_AT = textwrap.dedent(
 KILL_POINTS = [
     "instructloop.learner.rounds:Learner.resolve_serving",  # before anything
     "instructloop.learner.rounds:train_reward_model",
-    "instructloop.learner.rounds:train_ppo",
+    "instructloop.learner.rounds:train_policy",  # PPO, or the --algorithm chosen
     "instructloop.learner.rounds:evaluate_gate",
     "instructloop.store:_copy_hash_fsync",  # mid store write
     "instructloop.registry:Registry.register",  # stored, not registered
