@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from instructloop.clients import cli as client_cli
     from instructloop.clients import export, models_cli, users_cli
     from instructloop.learner import cli as learner_cli
+    from instructloop.loop import ablate
     from instructloop.loop import cli as loop_cli
     from instructloop.pretrain import PretrainConfig
     from instructloop.serve.config import ServerConfig
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     learner_cli.register(sub)
     loop_cli.register(sub)
+    ablate.register(sub)
     web_cli.register(sub)
     return parser
 
