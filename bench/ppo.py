@@ -15,6 +15,8 @@ published version's metrics:
 It also reads back every checkpoint the round wrote to the store (tensor dtypes from the
 safetensors headers, config dtype): what the server will load.
 
+Against TRL's PPOTrainer on the same settings: bench/ppo_vs_trl.py.
+
     python bench/ppo.py [--out bench/results/ppo.json] [--model DIR | --model-size 100m]
                         [--device cuda] [--kind lora] [--rollout-engine vllm]
 """

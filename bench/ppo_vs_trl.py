@@ -41,8 +41,15 @@ What differs (each system as it ships):
   - TRL calls gc.collect() and empty_cache() every iteration and logs its metrics
     every iteration (logging_steps=1), as it ships; sample generations
     (num_sample_generations), evaluation, saving and reporting are off.
-  - On CUDA, ours autocasts forwards to bf16 over float32 weights; TRL runs with bf16=True
-    (accelerate's autocast on the prepared model; its reference and RM stay float32).
+  - On CUDA, ours autocasts its forwards to bf16 over float32 weights; TRL runs with
+    bf16=True, which autocasts only the prepared policy+value wrapper's forward (the
+    update): its sampling (policy.generate), reference and RM/value scoring stay float32.
+    (Not run on a GPU yet: --device cuda --model-size 100m is the command for one.)
+
+Reported per repeat: episodes/s of each (episodes / training-loop wall seconds), the
+paired ratio ours/TRL (the goal's measure), and the ratio of the loops' CPU seconds
+(TRL's / ours, per episode since the episodes are equal): on 2 shared cores the wall
+times move with whatever else runs, the CPU seconds of a 1-thread loop much less.
 
     python bench/ppo_vs_trl.py [--repeats 3] [--model DIR | --model-size 100m]
                                [--device cuda] [--trl-venv DIR] [--out FILE]
