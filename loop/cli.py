@@ -46,7 +46,7 @@ def _view(sim):
     heldout = bool(sim.measurer.heldout)
     columns = ("version", "status", "comps used", "exact greedy", "exact sampled",
                "win vs v0", "win vs SFT") + ("held-out v0", "held-out SFT") * heldout + (
-               "corpus (tax)", "RM held-out acc", "KL", "gate (RM) win")  # fmt: skip
+               "corpus", "tax", "RM held-out acc", "KL", "gate (RM) win")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "status" else "right")
     rows = sorted(sim.versions.values(), key=lambda v: (v["seen_at_s"], v["id"]))
@@ -54,24 +54,22 @@ def _view(sim):
         status = v["status"] + (" *" if "current" in v.get("aliases", []) else "")
         style = {"promoted": "green", "rejected": "red"}.get(v["status"], "")
         used = v["comparisons_used"]
-        corpus = _fmt(v["corpus_loss"]) + (
-            f" ({v['corpus_tax']:+.3f})" if v["corpus_tax"] is not None else ""
-        )
         table.add_row(
             v["id"], Text(status, style=style), "-" if used is None else str(int(used)),
             _fmt(v["exact_match"]), _fmt(v["exact_match_sampled"]),
             _fmt(v["labeler_win_rate"]), _fmt(v["labeler_win_rate_vs_sft"]),
             *(_fmt(v["labeler_win_rate_heldout"]),
               _fmt(v["labeler_win_rate_vs_sft_heldout"])) * heldout,
-            corpus, _fmt(v["rm_heldout_accuracy"]), _fmt(v["kl"]), _fmt(v["gate_win_rate"]),
+            _fmt(v["corpus_loss"]), _fmt(v["corpus_tax"], "+.3f"),
+            _fmt(v["rm_heldout_accuracy"]), _fmt(v["kl"]), _fmt(v["gate_win_rate"]),
         )  # fmt: skip
     goals = [f"exact match >= {sim.cfg.target_exact_match:.0%}"] * bool(sim.cfg.target_exact_match)
     goals += [f"win vs v0 >= {sim.cfg.target_win_rate:.0%}"] * bool(sim.cfg.target_win_rate)
     foot = Text(
         f"goal: a promoted version with {' and '.join(goals) or 'no target'}   "
         f"({len(sim.eval_prompts)} held-out prompts; * = current; held-out: the win rates "
-        "by --heldout-labeler; corpus: loss in nats/token on held-out pretraining text, tax "
-        "= minus v0's)"
+        "by --heldout-labeler; corpus: loss in nats/token on held-out pretraining text, "
+        "tax: corpus minus v0's)"
     )
     if s.last_error:
         foot.append(f"\nlast error: {s.last_error}", style="red")

@@ -41,6 +41,11 @@ def _x(v: dict) -> float:
     return used if _finite(used) else v["comparisons_at"]
 
 
+def _short(spec: str | None) -> str:
+    """A labeler spec for a title: the shipped module's name left out."""
+    return (spec or "none").replace("instructloop.loop.labelers:", "")
+
+
 STYLES = {  # status -> (marker, line style)
     "promoted": ("o", "-"),
     "rejected": ("x", ""),
@@ -98,7 +103,7 @@ def write_plot(report: dict, out_dir: Path) -> Path:
     if _finite(v0_loss):
         axes[2].axhline(v0_loss, color="grey", ls="--", lw=1)  # above it: the alignment tax
     axes[0].set_title(
-        f"labeler {cfg['labeler']}, held-out {cfg.get('heldout_labeler') or 'none'}, "
+        f"labeler {_short(cfg['labeler'])}, held-out {_short(cfg.get('heldout_labeler'))}, "
         f"demonstrations {cfg['demo_prob']:.0%}",
         fontsize=8,
     )

@@ -180,8 +180,8 @@ def test_simulation_users_and_measures_use_the_populations():
     console = Console(record=True, width=250)
     console.print(_view(sim))
     text = console.export_text()
-    assert "held-out v0" in text and "corpus (tax)" in text
-    assert "0.950 (+0.150)" in text and "0.750" in text, text
+    assert "held-out v0" in text and "tax" in text
+    assert "0.950  +0.150" in text and "0.750" in text, text
 
 
 def test_report_plot_shows_the_new_measures(tmp_path):
