@@ -57,12 +57,20 @@ from pathlib import Path
 
 from instructloop.learner.config import ALGORITHMS, AlignConfig, PPOConfig
 from instructloop.learner.dataset import Comparison, Demonstration
-from instructloop.learner.ppo import PPOStopped, train_ppo
+from instructloop.learner.ppo import PPOStopped, load_policy, train_ppo
 from instructloop.learner.reward import load_reward_model, pairs_from_tiers, score_texts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALGORITHMS", "train_policy", "dpo_pairs", "RewardModelScore", "ptx_texts"]
+__all__ = [
+    "ALGORITHMS",
+    "train_policy",
+    "dpo_pairs",
+    "RewardModelScore",
+    "ptx_texts",
+    "nothing_to_offer",
+    "round_metrics",
+]
 
 NAN = float("nan")
 PRETRAIN_SEED = 0  # PretrainConfig's default seed: the corpus the shipped base learned from
@@ -171,6 +179,26 @@ def train_policy(
     raise ValueError(f"unknown algorithm {algorithm!r}: one of {', '.join(ALGORITHMS)}")
 
 
+def nothing_to_offer(
+    algorithm: str,
+    *,
+    sft_ran: bool,
+    new_demonstrations: int,
+    min_demonstrations: int,
+    new_comparisons: int,
+) -> str:
+    """Why `algorithm` can make no candidate this round ("" when it can): sft without a
+    new SFT run, dpo without new comparisons. rounds.py then skips the round."""
+    if algorithm == "sft" and not sft_ran:
+        return (
+            f"{new_demonstrations} new training demonstrations, an SFT run needs "
+            f"{min_demonstrations}"
+        )
+    if algorithm == "dpo" and not new_comparisons:
+        return "no new training comparisons"
+    return ""
+
+
 def round_metrics(algorithm: str, m: dict) -> dict[str, float]:
     """The policy stage's numbers in a version's metrics (floats). PPO keeps its ppo_*
     keys (bench/ppo.py and the tests read them); the others write policy_*."""
@@ -253,14 +281,10 @@ def _save(trainer, tokenizer, out_dir: Path, record: dict) -> None:
     )
 
 
-def _load(policy_dir: Path, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    return model, tokenizer
+def _load(policy_dir: Path):
+    """The starting policy as PPO loads it (an adapter merged into its base), on the CPU:
+    the Trainer moves it to its device. Left padding, as TRL's generation expects."""
+    return load_policy(policy_dir, lora=False)
 
 
 # ---------------------------------------------------------------------------- DPO
@@ -277,7 +301,7 @@ def _train_dpo(ppo_cfg, align_cfg: AlignConfig, comparisons, policy_dir, ref_dir
     if not rows:
         raise ValueError("DPO needs at least one pair of answers in different tiers")
     t0 = time.perf_counter()
-    model, tokenizer = _load(policy_dir, device)
+    model, tokenizer = _load(policy_dir)
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     log.info("dpo: %d pairs of %d comparisons, beta %g, from %s, reference %s",
              len(rows), len(comparisons), align_cfg.dpo_beta, policy_dir, ref_dir)  # fmt: skip
@@ -340,7 +364,7 @@ def _train_group(algorithm, ppo_cfg, align_cfg: AlignConfig, prompts, policy_dir
     # TRL's sampler drops a last incomplete set of prompts: repeat the list to fill one.
     prompts = list(prompts) * math.ceil((batch // group) / len(prompts))
     t0 = time.perf_counter()
-    model, tokenizer = _load(policy_dir, device)
+    model, tokenizer = _load(policy_dir)
     # TRL loads its reference from this name (trl get_config_model_id): make it ours.
     model.config._name_or_path = str(ref_dir)
     reward = RewardModelScore(reward_dir, device=device)

@@ -22,11 +22,9 @@ One round, top to bottom (Learner.run_round):
                warm-started from the previous RM, one epoch on the new ones); each
                comparison has the demonstration of its prompt ranked first when there
                is one (reward.py);
-  3. policy    --algorithm (algorithms.py): PPO by default, or DPO on the comparisons'
-               pairs, GRPO / RLOO with the RM as reward, or the new SFT policy itself
-               (sft: a round without a new SFT run is skipped); from the serving policy
-               (or the new SFT policy), reference = the latest SFT policy, or the base
-               model before any SFT (ppo.py). The algorithm is recorded in the gate dict;
+  3. policy    --algorithm (algorithms.py; PPO by default, ppo.py) from the serving
+               policy (or the new SFT policy), reference = the latest SFT policy, or the
+               base model before any SFT; the algorithm is recorded in the gate dict;
   4. gate      RM-estimated win rate of the candidate against the serving version on
                held-out prompts (users split by a keyed hash, as the paper split by
                customer; a fresh sample each round, seeded by the split's secret and the
@@ -62,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from instructloop.learner import distributed
-from instructloop.learner.algorithms import ptx_texts, round_metrics, train_policy
+from instructloop.learner.algorithms import nothing_to_offer, ptx_texts, round_metrics, train_policy
 from instructloop.learner.config import (
     AlignConfig,
     PPOConfig,
@@ -290,13 +288,10 @@ class Learner:
         sft_ran = len(new_demos) >= self.sft_cfg.min_demonstrations
         demos = new_demos  # what this round's SFT trains on (if it runs)
         algorithm = self.align_cfg.algorithm
-        idle = {  # what an algorithm lacks to make a candidate this round
-            "sft": f"{len(new_demos)} new training demonstrations, an SFT run needs "
-            f"{self.sft_cfg.min_demonstrations}"
-            if not sft_ran
-            else "",
-            "dpo": "no new training comparisons" if not comparisons else "",
-        }.get(algorithm)
+        idle = nothing_to_offer(
+            algorithm, sft_ran=sft_ran, new_demonstrations=len(new_demos),
+            min_demonstrations=self.sft_cfg.min_demonstrations, new_comparisons=len(comparisons),
+        )  # fmt: skip
         if idle:
             log.info("round %d: --algorithm %s: %s; skipped", n, algorithm, idle)
             st.last_round_at = time.time()
