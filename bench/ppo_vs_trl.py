@@ -49,7 +49,8 @@ What differs (each system as it ships):
 Reported per repeat: episodes/s of each (episodes / training-loop wall seconds), the
 paired ratio ours/TRL (the goal's measure), and the ratio of the loops' CPU seconds
 (TRL's / ours, per episode since the episodes are equal): on 2 shared cores the wall
-times move with whatever else runs, the CPU seconds of a 1-thread loop much less.
+times move with whatever else runs, the CPU seconds of a 1-thread loop much less (on
+CUDA they count the host's work only, so there the wall-time ratio is the measure).
 
     python bench/ppo_vs_trl.py [--repeats 3] [--model DIR | --model-size 100m]
                                [--device cuda] [--trl-venv DIR] [--out FILE]
