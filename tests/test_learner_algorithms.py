@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import torch
 from conftest import launch_server, stop_server, wait_serving
 
+from instructloop.cli import main
 from instructloop.clients import Client
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.learner import rounds, synthetic
@@ -120,7 +121,7 @@ def test_ptx_text_is_the_demonstrations_or_the_pretraining_corpus():
     assert not set(corpus) & set(pretraining_corpus(99991, 50))  # never the held-out docs
 
 
-def test_refused_at_start(monkeypatch):
+def test_refused_at_start(monkeypatch, capsys):
     def cfgs(algorithm: str, kind: str = "full") -> Configs:
         return Configs(
             LearnerConfig(device="cpu"), ConsumerConfig(), RoundConfig(kind=kind),
@@ -135,6 +136,9 @@ def test_refused_at_start(monkeypatch):
             RewardConfig(), PPOConfig(rollout_prompts=6), AlignConfig(algorithm="grpo"),
         )  # fmt: skip
     assert cfgs("ppo", kind="lora").ppo.lora  # PPO keeps LoRA
+    # The command refuses before it consumes or trains anything, with a one-line reason.
+    assert main(["learn", "--algorithm", "grpo", "--kind", "lora"]) == 2
+    assert "--kind lora is ppo's" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun"):
         cfgs("rloo")
