@@ -23,9 +23,10 @@ re-implement them.
         (--rl-beta) to the reference. TRL builds that reference itself, from the policy's
         `config._name_or_path` (normally the initial policy, as TRL's docs say): we set
         that name to the round's reference dir before TRL loads it, so the reference is
-        ours, as PPO's is. TRL's KL is a per-token estimate inside the loss (k3), not
-        PPO's per-token penalty in the reward; kl_last here is TRL's logged per-token
-        mean, not per response. Budget: as many samples as PPO would generate
+        ours, as PPO's is. GRPO adds beta x a per-token KL estimate (k3) to its loss;
+        RLOO subtracts beta x the response's summed log-ratio from its reward (PPO's
+        penalty, summed). kl_first/kl_last here are TRL's logged KL per response token,
+        not per response as PPO's and the gate's. Budget: as many samples as PPO would generate
         (--ppo-iterations x --ppo-rollout-prompts) unless --rl-episodes says else, in
         steps of --rl-batch-size samples (default --ppo-rollout-prompts).
   sft   demonstrations only: the candidate IS the round's SFT policy (the round trained
