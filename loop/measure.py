@@ -14,14 +14,17 @@ checkpoint has been read (`Measurer.fill`):
   (capability.py), and the alignment tax `corpus_tax` = corpus_loss - v0's; and
   `count_exact_match`, a skill of that text no task asks (counting words).
 
-The RM held-out accuracy and the KL come from the version's own metrics.
+The RM held-out accuracy and the KL come from the version's own metrics. At the end of
+the run: the best promoted versions (`best_versions`) and what the learner flagged among
+the simulated users (`detection`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from instructloop.clients.admin import AdminClient
 from instructloop.v1 import admin_pb2
 
 from .capability import corpus_loss, count_exact_match
@@ -139,3 +142,52 @@ class Measurer:
         """The population's win rate of one version's samples against another's."""
         rate = population_win_rate(population, self.prompts, ans.sampled, against.sampled)
         return rate if math.isfinite(rate) else None
+
+
+SUMMARY_KEYS = (  # what report.json's "best" and "best_win_rate" keep of a row
+    "id", "exact_match", "exact_match_sampled", "labeler_win_rate", "labeler_win_rate_vs_sft",
+    "labeler_win_rate_heldout", "labeler_win_rate_vs_sft_heldout",
+    "corpus_loss", "corpus_tax", "count_exact_match", "comparisons_at", "comparisons_used",
+)  # fmt: skip
+
+
+def best_versions(rows: Iterable[dict]) -> tuple[dict | None, dict | None]:
+    """The promoted versions with the best exact match (then win rate vs v0) and with the
+    best win rate vs v0, as SUMMARY_KEYS (None where no promoted version was measured)."""
+    promoted = [v for v in rows if v["status"] == "promoted"]
+    best = max(
+        (v for v in promoted if v["exact_match"] is not None),
+        key=lambda v: (v["exact_match"], v["labeler_win_rate"] or 0.0), default=None,
+    )  # fmt: skip
+    best_win = max(
+        (v for v in promoted if v["labeler_win_rate"] is not None),
+        key=lambda v: v["labeler_win_rate"], default=None,
+    )  # fmt: skip
+    return (
+        best and {k: best[k] for k in SUMMARY_KEYS},
+        best_win and {k: best_win[k] for k in SUMMARY_KEYS},
+    )
+
+
+def detection(
+    admin: AdminClient, users: Sequence[str], adversaries: set[str], adversary: str
+) -> dict:
+    """What the learner flagged: adversaries and honest users, and their agreement."""
+    listing = admin.list_users()
+    quality = {u.user_id: u.quality for u in listing.users if u.user_id in set(users)}
+    honest = [u for u in users if u not in adversaries]
+    flagged = {u for u, q in quality.items() if q.flagged}
+
+    def share(group: list[str]) -> float | None:
+        return len(flagged & set(group)) / len(group) if group else None
+
+    return {
+        "adversary": adversary if adversaries else "",
+        "adversaries": len(adversaries),
+        "adversaries_flagged": share(sorted(adversaries)),
+        "honest": len(honest),
+        "honest_flagged": share(honest),
+        "measured_users": sum(1 for q in quality.values() if q.round),
+        "labeler_agreement": listing.labeler_agreement,
+        "labeler_agreement_pairs": listing.labeler_agreement_pairs,
+    }

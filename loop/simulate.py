@@ -76,7 +76,7 @@ from . import adversaries
 from . import report as report_io
 from .evaluate import CheckpointDecoder
 from .labelers import Labeler, check_ranking, load_population, member
-from .measure import Measurer, sft_of, version_row
+from .measure import Measurer, best_versions, detection, sft_of, version_row
 from .tasks import make_prompt
 
 UNREACHABLE_S = 60.0  # the server answered nothing for this long: stop and report
@@ -474,25 +474,7 @@ class Simulation:
         return tokens
 
     def _detection(self, admin: AdminClient) -> dict:
-        """What the learner flagged: adversaries and honest users, and their agreement."""
-        listing = admin.list_users()
-        quality = {u.user_id: u.quality for u in listing.users if u.user_id in set(self.users)}
-        honest = [u for u in self.users if u not in self.adversaries]
-        flagged = {u for u, q in quality.items() if q.flagged}
-
-        def share(group: list[str]) -> float | None:
-            return len(flagged & set(group)) / len(group) if group else None
-
-        return {
-            "adversary": self.cfg.adversary if self.adversaries else "",
-            "adversaries": len(self.adversaries),
-            "adversaries_flagged": share(sorted(self.adversaries)),
-            "honest": len(honest),
-            "honest_flagged": share(honest),
-            "measured_users": sum(1 for q in quality.values() if q.round),
-            "labeler_agreement": listing.labeler_agreement,
-            "labeler_agreement_pairs": listing.labeler_agreement_pairs,
-        }
+        return detection(admin, self.users, self.adversaries, self.cfg.adversary)
 
     # ------------------------------------------------------------------- measuring
 
@@ -633,20 +615,7 @@ class Simulation:
             await self.measure()  # what appeared since the last look
 
     def report(self) -> dict:
-        promoted = [v for v in self.versions.values() if v["status"] == "promoted"]
-        best = max(
-            (v for v in promoted if v["exact_match"] is not None),
-            key=lambda v: (v["exact_match"], v["labeler_win_rate"] or 0.0), default=None,
-        )  # fmt: skip
-        best_win = max(
-            (v for v in promoted if v["labeler_win_rate"] is not None),
-            key=lambda v: v["labeler_win_rate"], default=None,
-        )  # fmt: skip
-        keys = ("id", "exact_match", "exact_match_sampled", "labeler_win_rate",
-                "labeler_win_rate_vs_sft", "labeler_win_rate_heldout",
-                "labeler_win_rate_vs_sft_heldout", "corpus_loss", "corpus_tax",
-                "count_exact_match",
-                "comparisons_at", "comparisons_used")  # fmt: skip
+        best, best_win = best_versions(self.versions.values())
         return {
             "config": asdict(self.cfg),
             "seconds": round(self.elapsed(), 1),
@@ -663,8 +632,8 @@ class Simulation:
             "users": len(self.users),
             "detection": self.detection,
             "reached_target": self.reached,
-            "best": best and {k: best[k] for k in keys},
-            "best_win_rate": best_win and {k: best_win[k] for k in keys},
+            "best": best,
+            "best_win_rate": best_win,
             "served": self.served,
             "versions": sorted(
                 self.versions.values(), key=lambda v: (v["seen_at_s"], _vnum(v["id"]))

@@ -98,6 +98,7 @@ def test_simulate_counts_a_labeler_that_raises_and_stops_when_every_user_has_die
     assert "every simulated user has died" in report["failed"]
     assert "ZeroDivisionError: this labeler always fails" in report["last_error"]
     assert report["comparisons"] == 0
+    assert report["detection"]["honest"] == 30 and report["detection"]["adversaries"] == 0
     v0 = next(v for v in report["versions"] if v["id"] == "v0")
     assert v0["exact_match"] == 0.0 and v0["eval_n"] == 20  # measured before traffic
 
