@@ -53,6 +53,10 @@ from instructloop.tinymodel import (
 log = logging.getLogger(__name__)
 
 TASK_VERBS = ("reverse", "sort", "uppercase", "count")
+# The corpus stream of this seed is held out: the alignment tax (loop/capability.py) is
+# the loss on it, so nothing trains on it (pretraining and PPO-ptx take PretrainConfig's
+# seed, 0).
+HELDOUT_CORPUS_SEED = 99991
 
 
 @dataclass

@@ -75,7 +75,6 @@ __all__ = [
 
 NAN = float("nan")
 PRETRAIN_SEED = 0  # PretrainConfig's default seed: the corpus the shipped base learned from
-HELDOUT_CORPUS_SEED = 99991  # the alignment tax is measured on this one: never train on it
 
 
 # ---------------------------------------------------------------------------- the data
@@ -98,7 +97,7 @@ def ptx_texts(cfg: PPOConfig, demonstrations: Sequence[Demonstration]) -> list[s
     if cfg.ptx_coef <= 0:
         return []
     if cfg.ptx_data == "corpus":
-        from instructloop.pretrain import pretraining_corpus
+        from instructloop.pretrain import HELDOUT_CORPUS_SEED, pretraining_corpus
 
         assert PRETRAIN_SEED != HELDOUT_CORPUS_SEED
         return pretraining_corpus(PRETRAIN_SEED, cfg.ptx_documents)

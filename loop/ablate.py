@@ -44,7 +44,6 @@ stopped half-way keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -52,6 +51,8 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import report as report_io
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class Ablation:
         self.rows.append(row)
         log.info(
             "ablate: %s @%g: exact %.3f/%.3f win vs SFT %s, corpus loss %.3f (%.0fs)",
-            name, frac, greedy, sampled, _fmt(row.get("win_vs_sft")), row["corpus_loss"],
+            name, frac, greedy, sampled, report_io.fmt(row.get("win_vs_sft")), row["corpus_loss"],
             seconds,
         )  # fmt: skip
         self.save()
@@ -391,103 +392,13 @@ class Ablation:
         }
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / "ablate.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.report(), indent=2, default=_jsonable) + "\n")
-        tmp.replace(path)
+        report_io.write_json(self.report(), self.out, name="ablate.json")
 
 
 def _replace(cfg, **changes):
     import dataclasses
 
     return dataclasses.replace(cfg, **changes)
-
-
-def _jsonable(x):
-    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-# ---------------------------------------------------------------- output
-
-
-COLUMNS = (  # (key, header, format)
-    ("algorithm", "algorithm", "s"),
-    ("comparisons", "comparisons", "d"),
-    ("train_seconds", "train s", ".0f"),
-    ("exact_match", "exact greedy", ".1%"),
-    ("exact_match_sampled", "exact sampled", ".1%"),
-    ("win_vs_sft", "win vs SFT", ".1%"),
-    ("win_vs_sft_heldout", "win vs SFT (held-out labelers)", ".1%"),
-    ("kl_to_sft", "KL to SFT", ".2f"),
-    ("rm_score", "RM score", ".2f"),
-    ("corpus_loss", "corpus loss", ".3f"),
-    ("alignment_tax", "tax", "+.3f"),
-)
-
-
-def table_rows(report: dict) -> list[list[str]]:
-    out = []
-    for r in report["rows"]:
-        cells = []
-        for key, _, spec in COLUMNS:
-            v = r.get(key)
-            cells.append(v if isinstance(v, str) else _fmt(v, spec))
-        out.append(cells)
-    return out
-
-
-def markdown_table(report: dict) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    return "\n".join([head, rule, *("| " + " | ".join(c) + " |" for c in table_rows(report))])
-
-
-def write_plot(report: dict, out_dir: Path) -> Path:
-    """ablate.png: four panels over the share of comparisons, one line per algorithm;
-    the SFT-only policy (and, for the tax, the base) as a dashed level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    sft = next((r for r in rows if r["algorithm"] == "sft"), {})
-    panels = (
-        ("win_vs_sft", "labeler win rate vs SFT-only", 0.5),
-        ("exact_match", "exact match (greedy)", sft.get("exact_match")),
-        ("kl_to_sft", "KL to the SFT reference (nats)", 0.0),
-        ("alignment_tax", "alignment tax (corpus loss - base's)", sft.get("alignment_tax")),
-    )
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    names = [a for a in dict.fromkeys(r["algorithm"] for r in rows) if a not in ("base", "sft")]
-    for ax, (key, title, level) in zip(axes, panels, strict=True):
-        for name in names:
-            pts = sorted(
-                (r["comparisons"], r[key])
-                for r in rows
-                if r["algorithm"] == name and isinstance(r.get(key), int | float)
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        if isinstance(level, int | float):
-            ax.axhline(level, color="grey", linestyle="--", label="SFT-only")
-        ax.set_title(title)
-        ax.set_xlabel("comparisons trained on")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(
-        f"instructloop ablate: {report['eval_prompts']} held-out prompts, same data and budget"
-    )
-    fig.tight_layout()
-    path = out_dir / "ablate.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------- command
@@ -512,16 +423,16 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = Table(title=f"instructloop ablate ({report['seconds']:.0f}s)")
-    for _, header, _ in COLUMNS:
+    for _, header, _ in report_io.ABLATION_COLUMNS:
         table.add_column(header)
-    for cells in table_rows(report):
+    for cells in report_io.ablation_rows(report):
         table.add_row(*cells)
     console = Console(width=max(Console().width, 160))  # eleven columns: never wrap them
     console.print(table)
     out = Path(cfg.out)
-    (out / "ablate.md").write_text(markdown_table(report) + "\n")
+    (out / "ablate.md").write_text(report_io.ablation_markdown(report) + "\n")
     try:
-        plot = write_plot(report, out)
+        plot = report_io.write_ablation_plot(report, out)
     except ImportError:
         plot = None  # matplotlib is in the `sim` extra
     written = [out / "ablate.json", out / "ablate.md", *([plot] if plot else [])]

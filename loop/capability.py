@@ -39,10 +39,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructloop.pretrain import PretrainConfig, pretraining_corpus
+from instructloop.pretrain import HELDOUT_CORPUS_SEED, PretrainConfig, pretraining_corpus
 
 BLOCK = PretrainConfig().seq_len  # tokens per scored block: the pretraining context length
-HELDOUT_SEED = 99991  # reserved for this measure: never pretraining's nor PPO-ptx's stream
 
 
 def corpus_loss(
@@ -50,7 +49,7 @@ def corpus_loss(
     base_path: str | Path | None = None,
     *,
     documents: int = 200,
-    seed: int = HELDOUT_SEED,
+    seed: int = HELDOUT_CORPUS_SEED,
     batch_size: int = 32,
     threads: int = 1,
 ) -> float:
@@ -92,7 +91,7 @@ def count_exact_match(
     base_path: str | Path | None = None,
     *,
     prompts: int = 200,
-    seed: int = HELDOUT_SEED,
+    seed: int = HELDOUT_CORPUS_SEED,
     threads: int = 1,
 ) -> float:
     """A second skill no labeler ranks: counting words, in the corpus's own phrasing.

@@ -1,4 +1,5 @@
-"""The end of a simulation: report.json and report.png, the data-efficiency curve.
+"""The end of a simulation (report.json and report.png, the data-efficiency curve) and of
+an ablation (ablate.json, ablate.md, ablate.png: loop/ablate.py).
 
 The plot has five panels over the training comparisons each version was trained on
 (its `comparisons_total` metric; the count sent when it appeared, where a version has
@@ -19,9 +20,9 @@ import math
 from pathlib import Path
 
 
-def write_json(report: dict, out_dir: Path) -> Path:
+def write_json(report: dict, out_dir: Path, name: str = "report.json") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.json"
+    path = out_dir / name
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     tmp.replace(path)
@@ -111,5 +112,88 @@ def write_plot(report: dict, out_dir: Path) -> Path:
     fig.tight_layout()
     path = out_dir / "report.png"
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- ablate's output
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    """A table cell: '-' for a missing or non-finite number."""
+    return format(x, spec) if _finite(x) else "-"
+
+
+ABLATION_COLUMNS = (  # (key, header, format)
+    ("algorithm", "algorithm", "s"),
+    ("comparisons", "comparisons", "d"),
+    ("train_seconds", "train s", ".0f"),
+    ("exact_match", "exact greedy", ".1%"),
+    ("exact_match_sampled", "exact sampled", ".1%"),
+    ("win_vs_sft", "win vs SFT", ".1%"),
+    ("win_vs_sft_heldout", "win vs SFT (held-out labelers)", ".1%"),
+    ("kl_to_sft", "KL to SFT", ".2f"),
+    ("rm_score", "RM score", ".2f"),
+    ("corpus_loss", "corpus loss", ".3f"),
+    ("alignment_tax", "tax", "+.3f"),
+)
+
+
+def ablation_rows(report: dict) -> list[list[str]]:
+    out = []
+    for r in report["rows"]:
+        cells = []
+        for key, _, spec in ABLATION_COLUMNS:
+            v = r.get(key)
+            cells.append(v if isinstance(v, str) else fmt(v, spec))
+        out.append(cells)
+    return out
+
+
+def ablation_markdown(report: dict) -> str:
+    head = "| " + " | ".join(h for _, h, _ in ABLATION_COLUMNS) + " |"
+    rule = "|" + "---|" * len(ABLATION_COLUMNS)
+    return "\n".join([head, rule, *("| " + " | ".join(c) + " |" for c in ablation_rows(report))])
+
+
+def write_ablation_plot(report: dict, out_dir: Path) -> Path:
+    """ablate.png: four panels over the share of comparisons, one line per algorithm;
+    the SFT-only policy (and, for the tax, the base) as a dashed level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    sft = next((r for r in rows if r["algorithm"] == "sft"), {})
+    panels = (
+        ("win_vs_sft", "labeler win rate vs SFT-only", 0.5),
+        ("exact_match", "exact match (greedy)", sft.get("exact_match")),
+        ("kl_to_sft", "KL to the SFT reference (nats)", 0.0),
+        ("alignment_tax", "alignment tax (corpus loss - base's)", sft.get("alignment_tax")),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    names = [a for a in dict.fromkeys(r["algorithm"] for r in rows) if a not in ("base", "sft")]
+    for ax, (key, title, level) in zip(axes, panels, strict=True):
+        for name in names:
+            pts = sorted(
+                (r["comparisons"], r[key])
+                for r in rows
+                if r["algorithm"] == name and isinstance(r.get(key), int | float)
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        if isinstance(level, int | float):
+            ax.axhline(level, color="grey", linestyle="--", label="SFT-only")
+        ax.set_title(title)
+        ax.set_xlabel("comparisons trained on")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"instructloop ablate: {report['eval_prompts']} held-out prompts, same data and budget"
+    )
+    fig.tight_layout()
+    path = out_dir / "ablate.png"
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
