@@ -172,7 +172,8 @@ def write_ablation_plot(report: dict, out_dir: Path) -> Path:
         ("kl_to_sft", "KL to the SFT reference (nats)", 0.0),
         ("alignment_tax", "alignment tax (corpus loss - base's)", sft.get("alignment_tax")),
     )
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5))
+    axes = grid.ravel()
     names = [a for a in dict.fromkeys(r["algorithm"] for r in rows) if a not in ("base", "sft")]
     for ax, (key, title, level) in zip(axes, panels, strict=True):
         for name in names:
@@ -185,15 +186,16 @@ def write_ablation_plot(report: dict, out_dir: Path) -> Path:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         if isinstance(level, int | float):
             ax.axhline(level, color="grey", linestyle="--", label="SFT-only")
-        ax.set_title(title)
-        ax.set_xlabel("comparisons trained on")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("comparisons trained on", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[3].axhline(0.0, color="black", linewidth=0.8)  # the base: no tax
+    axes[0].legend(fontsize=7)
     fig.suptitle(
         f"instructloop ablate: {report['eval_prompts']} held-out prompts, same data and budget"
     )
     fig.tight_layout()
     path = out_dir / "ablate.png"
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
