@@ -422,6 +422,13 @@ def _ablate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # the trainers are in the `learn` extra
+        print(
+            f"error: ablate runs the learner's trainers and needs {e.name!r}: "
+            "pip install 'instructloop[learn]' (scripts/install.sh installs it)",
+            file=sys.stderr,
+        )
+        return 2
     table = Table(title=f"instructloop ablate ({report['seconds']:.0f}s)")
     for _, header, _ in report_io.ABLATION_COLUMNS:
         table.add_column(header)
