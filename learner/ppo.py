@@ -103,7 +103,8 @@ def response_logprobs(model, seq, attn, pos, prompt_len: int, temperature: float
     logits = logits[:, prompt_len - 1 : -1] / temperature  # [B, R, V]: predicts token t
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)  # [B, R]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, R]
+    with torch.no_grad():  # logged only: no autograd graph for it
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, R]
     return logp, entropy
 
 
@@ -317,6 +318,50 @@ def ptx_loss(policy, tokenizer, texts: Sequence[str], cfg: PPOConfig) -> torch.T
         return policy(**enc, position_ids=pos, labels=labels, num_items_in_batch=denominator).loss
 
 
+def minibatch_columns(ro: Rollout, idx: torch.Tensor):
+    """(seq, attn, pos, P, R) of the episodes `idx`, cut to the columns they use: from the
+    longest prompt's first token to the longest response's last (mask-aware) token.
+
+    The cut columns are padding of every row in the minibatch: masked keys before, and
+    positions after, each row's real tokens (the model is causal and the position ids are
+    explicit), so the losses are those of the whole padded batch, over fewer tokens.
+    """
+    P = ro.prompt_len
+    start = P - int(ro.attn[idx, :P].sum(-1).max())  # left padding of every row
+    R = int(ro.mask[idx].sum(-1).max())  # past it: after EOS in every row
+    cols = slice(start, P + R)
+    return ro.seq[idx, cols], ro.attn[idx, cols], ro.pos[idx, cols], P - start, R
+
+
+def length_groups(ro: Rollout, idx: torch.Tensor) -> list[torch.Tensor]:
+    """The episodes `idx` as one group, or as two of similar lengths (by response length)
+    where that cuts the padded tokens of the update's forwards by SPLIT_GAIN or more.
+
+    A minibatch mixes responses that stop after a token with ones that run to
+    max_new_tokens; padded together, the short ones cost as much as the long. Split, each
+    group is cut to its own columns (minibatch_columns) and the losses of both sum into
+    the same gradient: one step, the same numbers up to float rounding. Under torchrun one
+    group (every rank runs the same forwards: FSDP gathers the weights in each).
+    """
+    if distributed.world_size() > 1 or len(idx) < 2:
+        return [idx]
+    P = ro.prompt_len
+    ranked = idx[ro.mask[idx].sum(-1).argsort(stable=True)]  # by response length
+    prompt, response = ro.attn[ranked, :P].sum(-1).tolist(), ro.mask[ranked].sum(-1).tolist()
+
+    def tokens(lo: int, hi: int) -> float:  # episodes lo..hi-1 padded to their widest
+        return (hi - lo) * (max(prompt[lo:hi]) + max(response[lo:hi]))
+
+    b = len(idx)
+    cost, k = min((tokens(0, k) + tokens(k, b), k) for k in range(1, b))
+    if cost > (1 - SPLIT_GAIN) * tokens(0, b):
+        return [idx]
+    return [ranked[:k], ranked[k:]]
+
+
+SPLIT_GAIN = 0.15  # a second group's forwards and backwards cost about this much overhead
+
+
 def ppo_step(
     *,
     policy,
@@ -335,29 +380,30 @@ def ppo_step(
     policy and value_head (a ValueHead) are DDP-wrapped under torchrun. The token means
     divide by the valid tokens of the minibatch on ALL ranks (distributed.mean_denominator),
     so DDP's averaged gradient is that of the global token mean, whatever each rank's
-    response lengths. Returns the step's stats (global means of the losses).
+    response lengths. The forwards run per length group (length_groups), whose losses,
+    over the same denominator, sum to the minibatch's. Returns the step's stats (global
+    means of the losses).
     """
-    P, mb_mask = ro.prompt_len, ro.mask[idx]  # mb_mask: [b, R]
     device = ro.seq.device
-    denominator = distributed.mean_denominator(mb_mask.sum())
-    with autocast(device):  # the forwards; backward runs in their dtypes
-        logp, entropy = response_logprobs(
-            policy, ro.seq[idx], ro.attn[idx], ro.pos[idx], P, cfg.temperature
-        )
-        v_new = value_head(ro.seq[idx], ro.attn[idx], ro.pos[idx])[:, P - 1 : -1]  # [b, R]
-    pg_loss, vf_loss, stats = ppo_losses(
-        logp=logp,
-        old_logp=ro.logp[idx],
-        advantages=exp.advantages[idx],
-        v_new=v_new,
-        v_old=exp.values[idx],
-        returns=exp.returns[idx],
-        mask=mb_mask,
-        cfg=cfg,
-        denominator=denominator,
-    )
-    loss = pg_loss + cfg.vf_coef * vf_loss
-    losses = [pg_loss.detach(), vf_loss.detach()]
+    n_tokens = ro.mask[idx].sum()
+    denominator = distributed.mean_denominator(n_tokens)
+    loss = 0.0
+    sums = torch.zeros(4, device=device)  # pg_loss, vf_loss, clipped tokens, entropy
+    for group in length_groups(ro, idx):
+        seq, attn, pos, P, R = minibatch_columns(ro, group)
+        mask = ro.mask[group, :R]  # [g, R]
+        with autocast(device):  # the forwards; backward runs in their dtypes
+            logp, entropy = response_logprobs(policy, seq, attn, pos, P, cfg.temperature)
+            v_new = value_head(seq, attn, pos)[:, P - 1 : -1]  # [g, R]
+        pg_loss, vf_loss, stats = ppo_losses(
+            logp=logp, old_logp=ro.logp[group, :R], advantages=exp.advantages[group, :R],
+            v_new=v_new, v_old=exp.values[group, :R], returns=exp.returns[group, :R],
+            mask=mask, cfg=cfg, denominator=denominator,
+        )  # fmt: skip
+        loss = loss + pg_loss + cfg.vf_coef * vf_loss
+        clipped = stats["clipfrac"] * mask.sum()  # tokens
+        sums += torch.stack([pg_loss.detach(), vf_loss.detach(), clipped, (entropy * mask).sum()])
+    losses = [sums[0], sums[1]]
     if ptx_texts:  # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step
         ptx = ptx_loss(policy, tokenizer, ptx_texts, cfg)
         loss = loss + cfg.ptx_coef * ptx
@@ -368,7 +414,8 @@ def ppo_step(
     torch.nn.utils.clip_grad_norm_(value_head.parameters(), cfg.max_grad_norm)
     optim.step()
     means = (distributed.all_sum(torch.stack(losses)) / distributed.world_size()).tolist()
-    stats.update(pg_loss=means[0], vf_loss=means[1], entropy=masked_mean(entropy, mb_mask).item())
+    clipped, entropy = (sums[2:] / n_tokens.clamp(min=1)).tolist()  # this rank's token means
+    stats = {"clipfrac": clipped, "pg_loss": means[0], "vf_loss": means[1], "entropy": entropy}
     if ptx_texts:
         stats["ptx_loss"] = means[2]
     return stats
@@ -476,6 +523,7 @@ def train_ppo(
         ],
         lr=cfg.learning_rate,
         eps=1e-5,
+        foreach=True,  # one kernel per op for all tensors (CUDA's default; CPU's is a loop)
     )
     ptx_order = list(ptx_texts) if cfg.ptx_coef > 0 else []
     ptx_cursor = 0
