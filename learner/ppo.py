@@ -12,7 +12,8 @@ Readable top to bottom, like cleanrl's ppo.py. One iteration:
   3. GAE       advantages with gamma = 1 and lambda configurable, whitened;
   4. update    `ppo_epochs` passes of clipped policy loss + clipped value loss
                (+ the PPO-ptx term: ptx_coef * language-model loss on demonstration text,
-               in the same step), over minibatches.
+               in the same step), over minibatches (each cut to the columns it uses and,
+               on one process, run in length groups: same numbers, fewer padded tokens).
 
 The value model starts from the RM (the same backbone + scalar head, read at every token;
 see reward.token_values). The policy update is full weights or a LoRA adapter (peft).
