@@ -538,13 +538,7 @@ class Simulation:
         while not self.stop.is_set():
             try:
                 await asyncio.to_thread(self._refresh_versions, admin)
-                model = await client.get_model()
-                if model.version != self.current:
-                    self.current = model.version
-                    self.served.append({
-                        "version": model.version, "t": round(self.elapsed(), 1),
-                        "comparisons": self.stats.comparisons,
-                    })  # fmt: skip
+                self._saw((await client.get_model()).version)
                 last_ok = self.elapsed()
                 show()
                 await self.measure()
@@ -613,6 +607,28 @@ class Simulation:
         await asyncio.to_thread(self._refresh_versions, admin)
         if not self.failed:
             await self.measure()  # what appeared since the last look
+            await self._follow_current(client)
+
+    async def _follow_current(self, client: AsyncClient, timeout_s: float = 30.0) -> None:
+        """Record the server's swap to the registry's `current` version: a run that stops
+        as soon as a promoted version reaches the targets may stop between the promotion
+        and the server's hot swap (seconds later), and `served` would miss the swap."""
+        aliases = {v: r.get("aliases", ()) for v, r in self.versions.items()}
+        current = next((v for v, names in aliases.items() if "current" in names), "")
+        deadline = time.monotonic() + timeout_s
+        while current and self.current != current and time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                self._saw((await client.get_model()).version)
+            await asyncio.sleep(0.5)
+
+    def _saw(self, version: str) -> None:
+        """The server answered GetModel with `version`: a swap if it changed."""
+        if version != self.current:
+            self.current = version
+            self.served.append({
+                "version": version, "t": round(self.elapsed(), 1),
+                "comparisons": self.stats.comparisons,
+            })  # fmt: skip
 
     def report(self) -> dict:
         best, best_win = best_versions(self.versions.values())
