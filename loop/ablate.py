@@ -44,6 +44,7 @@ stopped half-way keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import random
@@ -173,8 +174,6 @@ def same_budget(ppo_cfg, align_cfg, learn_args: str):
     rate, and DPO stops after as many answers through the policy's gradient as PPO's
     updates take (episodes x epochs; a pair is two answers), unless --learn-args sets
     them itself."""
-    import dataclasses
-
     changes = {}
     if "--dpo-learning-rate" not in learn_args:
         changes["dpo_learning_rate"] = ppo_cfg.learning_rate
@@ -184,6 +183,17 @@ def same_budget(ppo_cfg, align_cfg, learn_args: str):
         answers = ppo_cfg.iterations * ppo_cfg.rollout_prompts * ppo_cfg.ppo_epochs
         changes["dpo_max_steps"] = max(1, math.ceil(answers / 2 / align_cfg.dpo_batch_size))
     return dataclasses.replace(align_cfg, **changes)
+
+
+def ppo_variant(algorithm: str, ppo_cfg, ptx_coef: float):
+    """The PPO config of a ppo* row: `ppo` without a pretraining mix, `ppo-ptx` with the
+    base's pretraining corpus at ptx_coef (the paper's PPO-ptx), `ppo-ptx-demo` as the
+    learner settings have it (the local loop's: demonstrations)."""
+    if algorithm == "ppo":
+        return dataclasses.replace(ppo_cfg, ptx_coef=0.0)
+    if algorithm == "ppo-ptx":
+        return dataclasses.replace(ppo_cfg, ptx_coef=ptx_coef, ptx_data="corpus")
+    return dataclasses.replace(ppo_cfg, ptx_data="demonstrations")
 
 
 def evaluation_prompts(n: int, seed: int, exclude: set[str]) -> list[str]:
@@ -271,7 +281,7 @@ class Ablation:
             self.eval_prompts, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
             seed=cfg.seed, threads=cfg.threads or torch.get_num_threads(),
         )  # fmt: skip
-        self.answers: dict[str, object] = {}
+        self.sft_answers = None  # what every policy's win rate is measured against
 
         # ---- 1. SFT: the baseline, the reference and everyone's starting point
         sft_dir = self.work / "sft"
@@ -299,10 +309,10 @@ class Ablation:
             self.rm_last = rm_dir
             for alg in self.algorithms:
                 out_dir = self.work / f"{alg}-{frac:g}"
-                mix = {"ppo": ("", 0.0), "ppo-ptx": ("corpus", cfg.ptx_coef)}
-                data, coef = mix.get(alg, ("demonstrations", self.ppo_cfg.ptx_coef))
-                ppo_cfg = _replace(self.ppo_cfg, ptx_coef=coef, ptx_data=data or "corpus")
-                ptx = ptx_texts(ppo_cfg, demonstrations=demos) if alg.startswith("ppo") else ()
+                ppo_cfg, ptx = self.ppo_cfg, ()
+                if alg.startswith("ppo"):
+                    ppo_cfg = ppo_variant(alg, self.ppo_cfg, cfg.ptx_coef)
+                    ptx = ptx_texts(ppo_cfg, demonstrations=demos)
                 log.info("ablate: %s on %d comparisons (%g)", alg, len(used), frac)
                 t = time.perf_counter()
                 metrics = train_policy(
@@ -333,7 +343,8 @@ class Ablation:
 
         t = time.perf_counter()
         ans = self.decoder.answers(path)
-        self.answers[f"{name}-{frac:g}"] = ans
+        if name == "sft":
+            self.sft_answers = ans
         greedy, sampled = ans.exact_match(self.eval_prompts)
         row = {
             "algorithm": name, "fraction": frac, "path": str(path), "train_seconds": seconds,
@@ -342,8 +353,8 @@ class Ablation:
                 path, documents=self.cfg.corpus_documents, threads=self.cfg.threads or 1
             ),
         }  # fmt: skip
-        sft = self.answers.get("sft-0")
-        if sft is not None and name != "base":
+        sft = self.sft_answers
+        if sft is not None:  # every row after the base's
             row["win_vs_sft"] = population_win_rate(
                 self.train_population, self.eval_prompts, ans.sampled, sft.sampled
             )
@@ -393,12 +404,6 @@ class Ablation:
 
     def save(self) -> None:
         report_io.write_json(self.report(), self.out, name="ablate.json")
-
-
-def _replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 # ---------------------------------------------------------------- command
