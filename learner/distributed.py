@@ -56,7 +56,7 @@ def init_from_env(device: str) -> str:
     """Join torchrun's process group when WORLD_SIZE > 1; returns the device this rank
     trains on (cuda:LOCAL_RANK for a CUDA device, `device` otherwise)."""
     global _orders
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1 or dist.is_initialized():
         return device
     on_cuda = torch.device(device).type == "cuda"
@@ -75,6 +75,12 @@ def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _orders = None
+
+
+def launched_world_size() -> int:
+    """The ranks torchrun launched (WORLD_SIZE; 1 without torchrun), before or without
+    the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def world_size() -> int:

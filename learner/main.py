@@ -34,7 +34,6 @@ import asyncio
 import inspect
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -108,7 +107,7 @@ class Configs:
             return
         if self.ppo.lora:
             raise ValueError(f"--algorithm {algorithm} trains full weights: --kind lora is ppo's")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if distributed.launched_world_size() > 1:
             raise ValueError(
                 f"--algorithm {algorithm} runs on one process: under torchrun only ppo (TRL's "
                 "trainers are untested in our process group)"
