@@ -266,11 +266,7 @@ class Learner:
             )  # fmt: skip
         comparisons = ds.comparisons("train", since_seq=st.comparisons_seq, exclude_users=ex)
         if not comparisons and not st.rm_dir:
-            log.info("round %d: no training comparisons yet and no RM; skipped", n)
-            st.last_round_at = time.time()
-            st.save(self.state_path)
-            shutil.rmtree(work, ignore_errors=True)
-            return None
+            return self._skip(n, work, "no training comparisons yet and no RM")
         log.info(
             "round %d: serving %s (%s); %d new training comparisons",
             n,
@@ -293,11 +289,7 @@ class Learner:
             min_demonstrations=self.sft_cfg.min_demonstrations, new_comparisons=len(comparisons),
         )  # fmt: skip
         if idle:
-            log.info("round %d: --algorithm %s: %s; skipped", n, algorithm, idle)
-            st.last_round_at = time.time()
-            st.save(self.state_path)
-            shutil.rmtree(work, ignore_errors=True)
-            return None
+            return self._skip(n, work, f"--algorithm {algorithm}: {idle}")
         if sft_ran:
             phase("sft")
             if self.sft_cfg.from_base:  # the paper's SFT: the base on every demonstration
@@ -427,6 +419,15 @@ class Learner:
             gate["kl"],
         )
         return result
+
+    def _skip(self, n: int, work: Path, why: str) -> None:
+        """A round with nothing to train: nothing published, the state kept but for the
+        time of the last round (so a timed round waits again), the work dir gone."""
+        log.info("round %d: %s; skipped", n, why)
+        self.state.last_round_at = time.time()
+        self.state.save(self.state_path)
+        shutil.rmtree(work, ignore_errors=True)
+        return None
 
     def _train(self, trainer, stop: threading.Event | None = None, **kwargs) -> dict:
         """Run a trainer (run_sft, train_reward_model, train_ppo) on self.device. Under
