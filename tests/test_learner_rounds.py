@@ -437,12 +437,17 @@ def test_a_round_leaves_out_suspended_and_flagged_users_and_writes_every_users_q
 # ---------------------------------------------------------------------------- SIGKILL
 
 
+LEASE_TTL_S = 5  # the default (30 s) would make each restart after a SIGKILL wait 30 s
+
+
 def learner_cmd(url: str, prefix: str, tmp: Path, ppo_iterations: int) -> list[str]:
     return [
         sys.executable, "-m", "instructloop.cli", "learn",
         "--redis-url", url, "--redis-prefix", prefix,
         "--model-store", str(tmp / "store"), "--data-dir", str(tmp / "learner"),
         "--consumer", "doomed", "--block-ms", "50", "--torch-threads", "1",
+        # A SIGKILLed learner's lease expires after its TTL, which the restart waits out.
+        "--lease-ttl-s", str(LEASE_TTL_S),
         "--heldout-fraction", str(HELDOUT), "--max-rounds", "1", "--min-comparisons", "20",
         "--win-rate-threshold", "-1", "--max-kl", "1e9",
         "--gate-prompts", "8", "--gate-samples-per-prompt", "1",
