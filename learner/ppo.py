@@ -12,8 +12,9 @@ Readable top to bottom, like cleanrl's ppo.py. One iteration:
   3. GAE       advantages with gamma = 1 and lambda configurable, whitened;
   4. update    `ppo_epochs` passes of clipped policy loss + clipped value loss
                (+ the PPO-ptx term: ptx_coef * language-model loss on demonstration text,
-               in the same step), over minibatches (each cut to the columns it uses and,
-               on one process, run in length groups: same numbers, fewer padded tokens).
+               in the same step), over minibatches, each packed (its episodes' real
+               tokens back to back, attention kept within each: same numbers as the
+               padded minibatch, over fewer tokens).
 
 The value model starts from the RM (the same backbone + scalar head, read at every token;
 see reward.token_values). The policy update is full weights or a LoRA adapter (peft).
@@ -98,15 +99,76 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def response_logprobs(model, seq, attn, pos, prompt_len: int, temperature: float):
-    """Log-prob and entropy of each response token under `model`: two [B, R] tensors."""
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits
-    logits = logits[:, prompt_len - 1 : -1] / temperature  # [B, R, V]: predicts token t
-    logp_all = F.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)  # [B, R]
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """(log-prob [B, R] of each target token under logits [B, R, V] at the temperature,
+    entropy [B, R] of each distribution, without an autograd graph)."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # [B, R]
     with torch.no_grad():  # logged only: no autograd graph for it
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, R]
     return logp, entropy
+
+
+@dataclass
+class Packed:
+    """Episodes packed back to back into rows, with no padding between them.
+
+    Each episode is its real tokens only (its prompt without the left padding, its
+    response up to and including EOS), with position ids restarting at 0: transformers
+    reads a restart as a new sequence and masks attention across it (packed sequences,
+    masking_utils.find_packed_sequence_indices), so each episode attends to itself alone,
+    at the positions it has in the padded batch. The forwards then run over the real
+    tokens and a row tail, not over every episode padded to the widest.
+    """
+
+    ids: torch.Tensor  # [n, C] token ids (pad in a row's tail)
+    pos: torch.Tensor  # [n, C] position ids (0.. per episode)
+    rows: torch.Tensor  # [g, R] row of the position whose output predicts response token t
+    cols: torch.Tensor  # [g, R] its column (past an episode's end: its last position)
+    targets: torch.Tensor  # [g, R] the response tokens (padded past each end)
+
+
+def pack(seq: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, P: int) -> Packed:
+    """seq/attn [g, P+R] (prompts left-padded to P) and response mask [g, R] as Packed
+    rows, first-fit decreasing into rows as wide as the longest episode."""
+    prompt = attn[:, :P].sum(-1).tolist()
+    response = mask.sum(-1).long().tolist()
+    lengths = [p + r for p, r in zip(prompt, response, strict=True)]
+    C, R = max(lengths), max(response)
+    free: list[int] = []  # room left in each row
+    place = [(0, 0)] * len(lengths)  # (row, column) where each episode starts
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((k for k, f in enumerate(free) if f >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(C)
+        place[i] = (row, C - free[row])
+        free[row] -= lengths[i]
+    ids = torch.zeros(len(free), C, dtype=seq.dtype, device=seq.device)
+    # A row's tail (pad) keeps positions that no real token attends to (causal: the tail
+    # comes after them), whatever sequence transformers takes it for.
+    pos = torch.arange(C, device=seq.device).repeat(len(free), 1)
+    t = torch.arange(R, device=seq.device)
+    rows = torch.empty(len(lengths), R, dtype=torch.long, device=seq.device)
+    cols = torch.empty_like(rows)
+    for i, ((row, col), p, r) in enumerate(zip(place, prompt, response, strict=True)):
+        ids[row, col : col + p + r] = seq[i, P - p : P + r]
+        pos[row, col : col + p + r] = torch.arange(p + r, device=seq.device)
+        rows[i] = row
+        cols[i] = col + p - 1 + t.clamp(max=r - 1)  # position t-1 predicts token t
+    return Packed(ids, pos, rows, cols, seq[:, P : P + R])
+
+
+def packed_logprobs(model, pk: Packed, temperature: float):
+    """Log-prob and entropy [g, R] of each response token of the packed episodes under
+    `model` (a causal LM), at the sampling temperature."""
+    logits = model(input_ids=pk.ids, position_ids=pk.pos, use_cache=False).logits
+    return token_logprobs(logits[pk.rows, pk.cols], pk.targets, temperature)  # [g, R, V] in
+
+
+def packed_values(value_head, pk: Packed) -> torch.Tensor:
+    """The value model's estimate [g, R] at each response token of the packed episodes (read
+    where the token is predicted, as the policy's log-prob is)."""
+    return value_head(pk.ids, None, pk.pos)[pk.rows, pk.cols]
 
 
 @dataclass
@@ -184,15 +246,19 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], cfg: PPOConfig, device):
 
 
 def _logprobs_of(policy, ref, tokenizer, prompts, prompt_attn, seq, cfg: PPOConfig) -> Rollout:
-    """Masks, positions, texts and both log-probs of sequences [B, P+R] (P: prompt_attn's)."""
+    """Masks, positions, texts and both log-probs of sequences [B, P+R] (P: prompt_attn's;
+    R: cut to the longest response)."""
     P = prompt_attn.shape[1]
-    response = seq[:, P:]  # [B, R]
-    is_eos = (response == tokenizer.eos_token_id).long()
+    is_eos = (seq[:, P:] == tokenizer.eos_token_id).long()
     mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()  # up to and including the first EOS
+    R = int(mask.sum(-1).max())
+    seq, mask = seq[:, : P + R], mask[:, :R]  # columns past every response's end: none
+    response = seq[:, P:]  # [B, R]
     attn = torch.cat([prompt_attn, mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logp, _ = response_logprobs(policy, seq, attn, pos, P, cfg.temperature)
-    ref_logp, _ = response_logprobs(ref, seq, attn, pos, P, cfg.temperature)
+    packed = pack(seq, attn, mask, P)
+    logp, _ = packed_logprobs(policy, packed, cfg.temperature)
+    ref_logp, _ = packed_logprobs(ref, packed, cfg.temperature)
     texts = [
         tokenizer.decode(r[m.bool()], skip_special_tokens=True)
         for r, m in zip(response.cpu(), mask.cpu(), strict=True)  # one copy, not one per row
@@ -253,8 +319,7 @@ def experience(
     value model (not DDP around one): both are called through their forward, which a
     sharded (FSDP) one needs."""
     scores = score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts)  # [B]
-    P = ro.prompt_len
-    values = value_head(ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]  # [B, R]
+    values = packed_values(value_head, pack(ro.seq, ro.attn, ro.mask, ro.prompt_len))  # [B, R]
     kl, rewards = shaped_rewards(ro.logp, ro.ref_logp, scores, ro.mask, cfg.kl_beta)
     advantages, returns = gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, ro.mask)
@@ -319,50 +384,6 @@ def ptx_loss(policy, tokenizer, texts: Sequence[str], cfg: PPOConfig) -> torch.T
         return policy(**enc, position_ids=pos, labels=labels, num_items_in_batch=denominator).loss
 
 
-def minibatch_columns(ro: Rollout, idx: torch.Tensor):
-    """(seq, attn, pos, P, R) of the episodes `idx`, cut to the columns they use: from the
-    longest prompt's first token to the longest response's last (mask-aware) token.
-
-    The cut columns are padding of every row in the minibatch: masked keys before, and
-    positions after, each row's real tokens (the model is causal and the position ids are
-    explicit), so the losses are those of the whole padded batch, over fewer tokens.
-    """
-    P = ro.prompt_len
-    start = P - int(ro.attn[idx, :P].sum(-1).max())  # left padding of every row
-    R = int(ro.mask[idx].sum(-1).max())  # past it: after EOS in every row
-    cols = slice(start, P + R)
-    return ro.seq[idx, cols], ro.attn[idx, cols], ro.pos[idx, cols], P - start, R
-
-
-def length_groups(ro: Rollout, idx: torch.Tensor) -> list[torch.Tensor]:
-    """The episodes `idx` as one group, or as two of similar lengths (by response length)
-    where that cuts the padded tokens of the update's forwards by SPLIT_GAIN or more.
-
-    A minibatch mixes responses that stop after a token with ones that run to
-    max_new_tokens; padded together, the short ones cost as much as the long. Split, each
-    group is cut to its own columns (minibatch_columns) and the losses of both sum into
-    the same gradient: one step, the same numbers up to float rounding. Under torchrun one
-    group (every rank runs the same forwards: FSDP gathers the weights in each).
-    """
-    if distributed.world_size() > 1 or len(idx) < 2:
-        return [idx]
-    P = ro.prompt_len
-    ranked = idx[ro.mask[idx].sum(-1).argsort(stable=True)]  # by response length
-    prompt, response = ro.attn[ranked, :P].sum(-1).tolist(), ro.mask[ranked].sum(-1).tolist()
-
-    def tokens(lo: int, hi: int) -> float:  # episodes lo..hi-1 padded to their widest
-        return (hi - lo) * (max(prompt[lo:hi]) + max(response[lo:hi]))
-
-    b = len(idx)
-    cost, k = min((tokens(0, k) + tokens(k, b), k) for k in range(1, b))
-    if cost > (1 - SPLIT_GAIN) * tokens(0, b):
-        return [idx]
-    return [ranked[:k], ranked[k:]]
-
-
-SPLIT_GAIN = 0.15  # a second group's forwards and backwards cost about this much overhead
-
-
 def ppo_step(
     *,
     policy,
@@ -381,29 +402,27 @@ def ppo_step(
     policy and value_head (a ValueHead) are DDP-wrapped under torchrun. The token means
     divide by the valid tokens of the minibatch on ALL ranks (distributed.mean_denominator),
     so DDP's averaged gradient is that of the global token mean, whatever each rank's
-    response lengths. The forwards run per length group (length_groups), whose losses,
-    over the same denominator, sum to the minibatch's. Returns the step's stats (global
-    means of the losses).
+    response lengths. The forwards run over the minibatch packed (pack): the losses of the
+    padded minibatch, over its real tokens. Returns the step's stats (global means of the
+    losses).
     """
     device = ro.seq.device
     n_tokens = ro.mask[idx].sum()
     denominator = distributed.mean_denominator(n_tokens)
-    loss = 0.0
-    sums = torch.zeros(4, device=device)  # pg_loss, vf_loss, clipped tokens, entropy
-    for group in length_groups(ro, idx):
-        seq, attn, pos, P, R = minibatch_columns(ro, group)
-        mask = ro.mask[group, :R]  # [g, R]
-        with autocast(device):  # the forwards; backward runs in their dtypes
-            logp, entropy = response_logprobs(policy, seq, attn, pos, P, cfg.temperature)
-            v_new = value_head(seq, attn, pos)[:, P - 1 : -1]  # [g, R]
-        pg_loss, vf_loss, stats = ppo_losses(
-            logp=logp, old_logp=ro.logp[group, :R], advantages=exp.advantages[group, :R],
-            v_new=v_new, v_old=exp.values[group, :R], returns=exp.returns[group, :R],
-            mask=mask, cfg=cfg, denominator=denominator,
-        )  # fmt: skip
-        loss = loss + pg_loss + cfg.vf_coef * vf_loss
-        clipped = stats["clipfrac"] * mask.sum()  # tokens
-        sums += torch.stack([pg_loss.detach(), vf_loss.detach(), clipped, (entropy * mask).sum()])
+    pk = pack(ro.seq[idx], ro.attn[idx], ro.mask[idx], ro.prompt_len)
+    R = pk.targets.shape[1]
+    mask = ro.mask[idx, :R]  # [g, R]
+    with autocast(device):  # the forwards; backward runs in their dtypes
+        logp, entropy = packed_logprobs(policy, pk, cfg.temperature)
+        v_new = packed_values(value_head, pk)  # [g, R]
+    pg_loss, vf_loss, stats = ppo_losses(
+        logp=logp, old_logp=ro.logp[idx, :R], advantages=exp.advantages[idx, :R],
+        v_new=v_new, v_old=exp.values[idx, :R], returns=exp.returns[idx, :R],
+        mask=mask, cfg=cfg, denominator=denominator,
+    )  # fmt: skip
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    clipped = stats["clipfrac"] * mask.sum()  # tokens
+    sums = torch.stack([pg_loss.detach(), vf_loss.detach(), clipped, (entropy * mask).sum()])
     losses = [sums[0], sums[1]]
     if ptx_texts:  # PPO-ptx: gamma * log-likelihood of demonstration text, in the same step
         ptx = ptx_loss(policy, tokenizer, ptx_texts, cfg)

@@ -135,8 +135,13 @@ def token_values(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None
 ) -> torch.Tensor:
     """The score head at every position: [B, T]. One backbone forward for the batch."""
+    # use_cache=False: no KV cache to build; and without one, position ids that restart
+    # mark packed sequences (ppo.pack), which transformers keeps apart
     hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state  # [B, T, H]
     offset = getattr(model.config, "reward_offset", 0.0)
     return model.score(hidden).squeeze(-1).float() - offset  # [B, T], float32 under autocast

@@ -1,6 +1,6 @@
-"""The PPO update's shortcuts compute what the plain update computes: a minibatch split
-into length groups, each cut to its own columns (ppo.length_groups, ppo.minibatch_columns),
-gives the losses, stats and gradients of the whole padded minibatch in one forward."""
+"""The PPO update's shortcut computes what the plain update computes: a minibatch packed
+(ppo.pack: its episodes' real tokens back to back, each attending to itself alone) gives
+the losses, stats and gradients of the whole padded minibatch."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ PROMPTS = ["sort: b a", "a much longer prompt: reverse these few words", "upper:
 RESPONSES = ["a b", "", "W and then a long tail of text that runs on and on and on", "x"]
 
 
-def test_a_split_and_cut_minibatch_gives_the_padded_minibatchs_losses_and_gradients(
+def test_a_packed_minibatch_gives_the_padded_minibatchs_losses_and_gradients(
     tiny_model,
 ):
     torch.manual_seed(0)
@@ -33,25 +33,26 @@ def test_a_split_and_cut_minibatch_gives_the_padded_minibatchs_losses_and_gradie
     value_head = ValueHead(value_model)
     ro = ppo.rollout_of(policy, ref, tokenizer, PROMPTS, RESPONSES, cfg)
     exp = ppo.experience(ro, ValueHead(reward_model), reward_tokenizer, value_head, cfg)
+    sampled = ro.logp  # the rollout's log-probs: packed forwards too
     ro.logp = ro.logp + 0.3 * torch.randn_like(ro.logp)  # ratios off 1: some clipped
     idx = torch.arange(len(PROMPTS))
 
-    groups = ppo.length_groups(ro, idx)
-    assert len(groups) == 2
-    assert sorted(torch.cat(groups).tolist()) == idx.tolist()
-    cut = sum(ppo.minibatch_columns(ro, g)[0].numel() for g in groups)
-    assert cut <= (1 - ppo.SPLIT_GAIN) * ro.seq.numel()
+    packed = ppo.pack(ro.seq, ro.attn, ro.mask, ro.prompt_len)
+    real = int(ro.attn[:, : ro.prompt_len].sum() + ro.mask.sum())
+    assert real <= packed.ids.numel() < 0.7 * ro.seq.numel()
+    assert len(packed.ids) < len(PROMPTS)  # some row holds two episodes
 
     # The plain update: one forward over the whole padded minibatch.
     params = [p for m in (policy, value_model) for p in m.parameters()]
-    logp, entropy = ppo.response_logprobs(
-        policy, ro.seq, ro.attn, ro.pos, ro.prompt_len, cfg.temperature
-    )
-    v_new = value_head(ro.seq, ro.attn, ro.pos)[:, ro.prompt_len - 1 : -1]
+    P = ro.prompt_len
+    logits = policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=ro.pos).logits
+    logp, entropy = ppo.token_logprobs(logits[:, P - 1 : -1], ro.seq[:, P:], cfg.temperature)
+    v_new = value_head(ro.seq, ro.attn, ro.pos)[:, P - 1 : -1]
     pg_loss, vf_loss, stats = ppo.ppo_losses(
         logp=logp, old_logp=ro.logp, advantages=exp.advantages, v_new=v_new,
         v_old=exp.values, returns=exp.returns, mask=ro.mask, cfg=cfg,
     )  # fmt: skip
+    torch.testing.assert_close(logp.detach() * ro.mask, sampled * ro.mask, rtol=1e-5, atol=1e-5)
     (pg_loss + cfg.vf_coef * vf_loss).backward()
     want = [None if p.grad is None else p.grad.clone() for p in params]
     assert 0 < stats["clipfrac"] < 1
