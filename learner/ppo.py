@@ -128,9 +128,33 @@ class Packed:
     targets: torch.Tensor  # [g, R] the response tokens (padded past each end)
 
 
-def pack(seq: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, P: int) -> Packed:
+# Architectures whose transformers implementation keeps packed sequences apart (it passes
+# the position ids to its mask, and a restart starts a new sequence); tests/test_families.py
+# checks each. Episodes of any other model get a row each: right-padded, and under causal
+# attention no real token reaches the padding after it, so the math holds for any model.
+PACKING_MODEL_TYPES = frozenset(
+    {"llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox"}
+)
+
+
+def packs(*models) -> bool:
+    """Whether episodes may share rows in forwards of all these models (each may be
+    wrapped: DDP's .module, a ValueHead's .model; a peft model reads its base's config)."""
+
+    def config(m):
+        while not hasattr(m, "config"):
+            m = m.module if hasattr(m, "module") else m.model
+        return m.config
+
+    return all(config(m).model_type in PACKING_MODEL_TYPES for m in models)
+
+
+def pack(
+    seq: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, P: int, share_rows: bool = True
+) -> Packed:
     """seq/attn [g, P+R] (prompts left-padded to P) and response mask [g, R] as Packed
-    rows, first-fit decreasing into rows as wide as the longest episode."""
+    rows, first-fit decreasing into rows as wide as the longest episode (share_rows=False:
+    one episode per row, for a model that would not keep them apart; see packs)."""
     prompt = attn[:, :P].sum(-1).tolist()
     response = mask.sum(-1).long().tolist()
     lengths = [p + r for p, r in zip(prompt, response, strict=True)]
@@ -138,7 +162,8 @@ def pack(seq: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, P: int) -> P
     free: list[int] = []  # room left in each row
     place = [(0, 0)] * len(lengths)  # (row, column) where each episode starts
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((k for k, f in enumerate(free) if f >= lengths[i]), len(free))
+        fits = (k for k, f in enumerate(free) if f >= lengths[i] and share_rows)
+        row = next(fits, len(free))
         if row == len(free):
             free.append(C)
         place[i] = (row, C - free[row])
@@ -162,7 +187,7 @@ def packed_logprobs(model, pk: Packed, temperature: float):
     """Log-prob and entropy [g, R] of each response token of the packed episodes under
     `model` (a causal LM), at the sampling temperature."""
     logits = model(input_ids=pk.ids, position_ids=pk.pos, use_cache=False).logits
-    return token_logprobs(logits[pk.rows, pk.cols], pk.targets, temperature)  # [g, R, V] in
+    return token_logprobs(logits[pk.rows, pk.cols], pk.targets, temperature)
 
 
 def packed_values(value_head, pk: Packed) -> torch.Tensor:
@@ -256,7 +281,7 @@ def _logprobs_of(policy, ref, tokenizer, prompts, prompt_attn, seq, cfg: PPOConf
     response = seq[:, P:]  # [B, R]
     attn = torch.cat([prompt_attn, mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    packed = pack(seq, attn, mask, P)
+    packed = pack(seq, attn, mask, P, share_rows=packs(policy, ref))
     logp, _ = packed_logprobs(policy, packed, cfg.temperature)
     ref_logp, _ = packed_logprobs(ref, packed, cfg.temperature)
     texts = [
@@ -319,7 +344,8 @@ def experience(
     value model (not DDP around one): both are called through their forward, which a
     sharded (FSDP) one needs."""
     scores = score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts)  # [B]
-    values = packed_values(value_head, pack(ro.seq, ro.attn, ro.mask, ro.prompt_len))  # [B, R]
+    packed = pack(ro.seq, ro.attn, ro.mask, ro.prompt_len, share_rows=packs(value_head))
+    values = packed_values(value_head, packed)  # [B, R]
     kl, rewards = shaped_rewards(ro.logp, ro.ref_logp, scores, ro.mask, cfg.kl_beta)
     advantages, returns = gae(rewards, values, ro.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, ro.mask)
@@ -409,7 +435,8 @@ def ppo_step(
     device = ro.seq.device
     n_tokens = ro.mask[idx].sum()
     denominator = distributed.mean_denominator(n_tokens)
-    pk = pack(ro.seq[idx], ro.attn[idx], ro.mask[idx], ro.prompt_len)
+    share_rows = packs(policy, value_head)
+    pk = pack(ro.seq[idx], ro.attn[idx], ro.mask[idx], ro.prompt_len, share_rows)
     R = pk.targets.shape[1]
     mask = ro.mask[idx, :R]  # [g, R]
     with autocast(device):  # the forwards; backward runs in their dtypes

@@ -57,9 +57,29 @@ def test_family_tokenizer_template_one_bos_and_lora_targets(name, tmp_path):
     assert tok.eos_token == family.special["eos"] and tok.pad_token_id is not None
 
     model = AutoModelForCausalLM.from_pretrained(out)
+    assert_keeps_packed_sequences_apart(model)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     targets = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert targets and "lm_head" not in targets, targets
+
+
+def assert_keeps_packed_sequences_apart(model) -> None:
+    """What PPO's packing (learner/ppo.py pack) relies on for this architecture: two
+    sequences in one row, position ids restarting at the second, give the second the
+    outputs it gets alone."""
+    import torch
+
+    from instructloop.learner.ppo import PACKING_MODEL_TYPES
+
+    assert model.config.model_type in PACKING_MODEL_TYPES
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]]) % model.config.vocab_size
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, 3:]
+        alone = model(input_ids=ids[:, 3:], position_ids=pos[:, 3:], use_cache=False).logits[0]
+        joined = model(input_ids=ids, use_cache=False).logits[0, 3:]  # one sequence of 7
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(joined, alone, atol=1e-3)  # the first three would change it
 
 
 def test_gemma_serves_learns_full_and_lora_and_swaps(redis_server, tmp_path, one_torch_thread):

@@ -4,6 +4,8 @@ the losses, stats and gradients of the whole padded minibatch."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -41,6 +43,15 @@ def test_a_packed_minibatch_gives_the_padded_minibatchs_losses_and_gradients(
     real = int(ro.attn[:, : ro.prompt_len].sum() + ro.mask.sum())
     assert real <= packed.ids.numel() < 0.7 * ro.seq.numel()
     assert len(packed.ids) < len(PROMPTS)  # some row holds two episodes
+    # A model outside ppo.PACKING_MODEL_TYPES gets one episode per row: the same numbers.
+    assert ppo.packs(policy, value_head, ValueHead(reward_model))
+    assert not ppo.packs(policy, SimpleNamespace(config=SimpleNamespace(model_type="other")))
+    single = ppo.pack(ro.seq, ro.attn, ro.mask, ro.prompt_len, share_rows=False)
+    assert len(single.ids) == len(PROMPTS)
+    with torch.no_grad():
+        for a, b in zip(ppo.packed_logprobs(policy, single, 1.0),
+                        ppo.packed_logprobs(policy, packed, 1.0), strict=True):  # fmt: skip
+            torch.testing.assert_close(a * ro.mask, b * ro.mask, rtol=1e-5, atol=1e-5)
 
     # The plain update: one forward over the whole padded minibatch.
     params = [p for m in (policy, value_model) for p in m.parameters()]
