@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 
 import pytest
@@ -43,7 +44,7 @@ from instructloop.learner.dataset import (
     user_split,
 )
 from instructloop.learner.main import Configs, run
-from instructloop.learner.ppo import load_policy, rollout_of
+from instructloop.learner.ppo import PPOStopped, load_policy, rollout_of
 from instructloop.learner.reward import load_reward_model
 from instructloop.pretrain import PretrainConfig, pretraining_corpus
 from instructloop.registry import Registry, load_registry_key
@@ -110,6 +111,27 @@ def test_grpo_is_held_to_our_reference_not_its_start(tiny_model, tmp_path):
     assert m["kl_first"] > 0.01, m
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert str(other) not in json.dumps(saved)  # the name was put back before saving
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_a_trl_trainer_stops_at_the_step_after_the_stop_event_and_saves_nothing(
+    algorithm, tiny_model, tmp_path
+):
+    """What SIGTERM does to a learner training with a TRL trainer: the signal sets the
+    round's stop event, our callback ends training at the end of the step in hand, and
+    train_policy raises PPOStopped with nothing saved (the round is abandoned, as PPO's)."""
+    stop = threading.Event()
+    stop.set()  # set before the first step ends: training stops after it, of 2
+    comparisons = [Comparison("f1", "p1", "u1", "reverse: ab\n", ["ba", "ab"], tiers=[0, 1])]
+    with pytest.raises(PPOStopped, match=f"{algorithm} stopped at step 1"):
+        train_policy(
+            algorithm, ppo_cfg=PPO, prompts=["reverse: abc\n"], comparisons=comparisons * 4,
+            align_cfg=AlignConfig(dpo_batch_size=2, dpo_max_steps=2, rl_num_generations=2,
+                                  rl_episodes=4, rl_batch_size=2),
+            policy_dir=tiny_model, reward_dir=tiny_model, ref_dir=tiny_model,
+            out_dir=tmp_path / "out", stop=stop,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_ptx_text_is_the_demonstrations_or_the_pretraining_corpus():
