@@ -319,6 +319,11 @@ def test_sft_round_without_new_demonstrations_is_skipped(deployment, caplog):
             split_salt=load_secret(work / "split-salt", "split salt"),
         )
     )  # fmt: skip
+    # New rankings and no new demonstrations (run alone, the module's earlier rounds have
+    # not logged any: without these the round would stop at "no comparisons and no RM").
+    for prompt, feedback in synthetic.preference_data(16, k=4, n_users=20, seed=50):
+        dataset.add_prompt(prompt)
+        dataset.add_feedback(feedback)
     store = ModelStore(work / "store")
     learner = rounds.Learner(
         work / "learner", dataset, store,
