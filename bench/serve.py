@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="vLLM max_num_seqs for inproc, seam and vllm-serve (our server uses 256).",
     )
     p.add_argument(
+        "--grpc-per-sample-deltas",
+        action="store_true",
+        help="--stream: ask our server for one message per sample and engine step (what "
+        "clients written before GenerateRequest.step_deltas get) instead of one per step.",
+    )
+    p.add_argument(
         "--grpc-do-not-log",
         action="store_true",
         help="Send do_not_log=true to our server (skips the Redis write per prompt).",

@@ -191,6 +191,7 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from instructloop.clients.wire import stream_deltas
     from instructloop.redis_embedded import free_port
     from instructloop.v1 import api_pb2, api_pb2_grpc
 
@@ -235,15 +236,17 @@ async def grpc_system(model: str, args: argparse.Namespace, workdir: Path) -> As
                     sampling=sampling,
                     user_id="bench",
                     do_not_log=args.grpc_do_not_log,
+                    step_deltas=not args.grpc_per_sample_deltas,
                 )
                 if streams is None:
                     reply = await stub.Generate(request, timeout=args.request_timeout)
                     return sum(s.token_count for s in reply.samples)
                 tokens, clock = 0, StreamClock()
                 async for event in stub.GenerateStream(request, timeout=args.request_timeout):
-                    if event.HasField("delta") and event.delta.token_count:
-                        clock.chunk(event.delta.index)
-                        tokens += event.delta.token_count
+                    for delta in stream_deltas(event):
+                        if delta.token_count:
+                            clock.chunk(delta.index)
+                            tokens += delta.token_count
                 streams.append(clock)
                 return tokens
 

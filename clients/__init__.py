@@ -4,6 +4,6 @@ Depends only on grpcio and the generated stubs in instructloop.v1, so apps can u
 without the server's or learner's dependencies.
 """
 
-from .sdk import AsyncClient, Client
+from .sdk import AsyncClient, Client, stream_deltas
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "stream_deltas"]

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from instructloop.v1 import api_pb2
 
-from .sdk import Client, default_target, default_user_token, tls_credentials
+from .sdk import Client, default_target, default_user_token, stream_deltas, tls_credentials
 
 
 class UsageError(Exception):
@@ -402,27 +402,26 @@ def _generate(args: argparse.Namespace, client: Client, console: Console) -> int
 
     texts: dict[int, str] = {}
     final: api_pb2.GenerateResponse | None = None
-    stream = client.generate_stream(**kwargs)
+    stream = client.generate_stream(**kwargs, step_deltas=True)
     if args.json:
         for message in stream:
             _print_json(message, indent=None)
         return 0
     if args.n <= 1:  # one sample: plain text straight to the terminal
         for message in stream:
-            if message.HasField("delta"):
-                sys.stdout.write(message.delta.text)
-                sys.stdout.flush()
-            else:
+            if message.HasField("final"):
                 final = message.final
+            for delta in stream_deltas(message):
+                sys.stdout.write(delta.text)
+            sys.stdout.flush()
         print()
     else:  # several samples grow side by side in live panels
         with Live(console=console, vertical_overflow="visible") as live:
             for message in stream:
-                if message.HasField("delta"):
-                    delta = message.delta
-                    texts[delta.index] = texts.get(delta.index, "") + delta.text
-                else:
+                if message.HasField("final"):
                     final = message.final
+                for delta in stream_deltas(message):
+                    texts[delta.index] = texts.get(delta.index, "") + delta.text
                 panels = [_sample_panel(i, texts[i]) for i in sorted(texts)]
                 live.update(Group(*panels), refresh=False)
         if not console.is_terminal:

@@ -44,7 +44,7 @@ import grpc.aio
 from instructloop.v1 import api_pb2, api_pb2_grpc
 
 from . import wire
-from .wire import Metadata, RankItem
+from .wire import Metadata, RankItem, stream_deltas
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -52,6 +52,7 @@ __all__ = [
     "Client",
     "default_target",
     "default_user_token",
+    "stream_deltas",
     "tls_credentials",
 ]
 
@@ -207,16 +208,20 @@ class Client(_Base):
         user_id: str = "",
         log: bool = True,
         version: str = "",
+        step_deltas: bool = False,
         timeout: float | None = None,
     ) -> Iterator[api_pb2.GenerateStreamResponse]:
         """Like generate, streamed: deltas, then one final GenerateResponse.
 
-        The call starts on the first next(). Leaving the iteration early (break, an
-        exception, close()) cancels the RPC, so the server aborts the generation.
+        With step_deltas each message carries one engine step's deltas of every sample
+        (`step`) instead of one sample's (`delta`): n times fewer messages. stream_deltas()
+        reads either. The call starts on the first next(). Leaving the iteration early
+        (break, an exception, close()) cancels the RPC, so the server aborts the
+        generation.
         """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log, version,
+            logprobs, user_id, log, version, step_deltas,
         )  # fmt: skip
         return _iterate(
             lambda: self._stub.GenerateStream(
@@ -419,16 +424,18 @@ class AsyncClient(_Base):
         user_id: str = "",
         log: bool = True,
         version: str = "",
+        step_deltas: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         """Like generate, streamed: `async for` over deltas, then one final response.
 
-        Leaving the iteration cancels the RPC. After a `break`, the iterator is closed
-        when it is garbage-collected; wrap it in contextlib.aclosing() to cancel at once.
+        step_deltas as in Client.generate_stream. Leaving the iteration cancels the RPC.
+        After a `break`, the iterator is closed when it is garbage-collected; wrap it in
+        contextlib.aclosing() to cancel at once.
         """
         request = wire.generate_request(
             prompt, messages, n, max_tokens, temperature, top_p, top_k, seed, stop,
-            logprobs, user_id, log, version,
+            logprobs, user_id, log, version, step_deltas,
         )  # fmt: skip
         return _aiterate(
             lambda: self._stub.GenerateStream(

@@ -88,6 +88,7 @@ def generate_request(
     user_id: str,
     log: bool,
     version: str = "",
+    step_deltas: bool = False,
 ) -> api_pb2.GenerateRequest:
     """A GenerateRequest from a plain prompt or chat messages (exactly one of them)."""
     if (prompt is None) == (messages is None):
@@ -105,7 +106,12 @@ def generate_request(
     if logprobs is not None:
         sampling.logprobs = logprobs
     request = api_pb2.GenerateRequest(
-        n=n, sampling=sampling, user_id=user_id, do_not_log=not log, version=version
+        n=n,
+        sampling=sampling,
+        user_id=user_id,
+        do_not_log=not log,
+        version=version,
+        step_deltas=step_deltas,
     )
     if prompt is not None:
         request.prompt = prompt
@@ -114,6 +120,15 @@ def generate_request(
         chat = [api_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
         request.chat.CopyFrom(api_pb2.Chat(messages=chat))
     return request
+
+
+def stream_deltas(message: api_pb2.GenerateStreamResponse) -> Sequence[api_pb2.SampleDelta]:
+    """The sample deltas a GenerateStream message carries, in either form: one `delta`, or
+    an engine step's `step` (requests with step_deltas); none in the `final` message."""
+    event = message.WhichOneof("event")
+    if event == "step":
+        return message.step.deltas
+    return (message.delta,) if event == "delta" else ()
 
 
 def with_idempotency_key(request: api_pb2.SubmitFeedbackRequest) -> api_pb2.SubmitFeedbackRequest:

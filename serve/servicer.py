@@ -278,8 +278,9 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         acc: _Accumulator,
         parts: list[_Part],
         stream: bool,
-    ) -> AsyncIterator[api_pb2.SampleDelta]:
-        """Drive the engine (one call per part); abort there if we stop early. With
+    ) -> AsyncIterator[list[api_pb2.SampleDelta]]:
+        """Drive the engine (one call per part); abort there if we stop early. Streaming,
+        yields each engine step's deltas (one per sample that advanced); with
         stream=False the engine hands over whole samples and nothing is yielded."""
         request_ids = [prompt_id] if len(parts) == 1 else [f"{prompt_id}-{k}" for k in range(2)]
         streams = [
@@ -293,14 +294,17 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         finished = False
         try:
             async for k, deltas in source:
+                step = []
                 for d in deltas:
                     d.index = parts[k].indexes[d.index]  # engine sample -> response position
                     logprobs = acc.add(d)
                     if stream:
-                        yield api_pb2.SampleDelta(
+                        step.append(api_pb2.SampleDelta(
                             index=d.index, text=d.text, token_count=len(d.token_ids),
                             logprobs=logprobs,
-                        )  # fmt: skip
+                        ))  # fmt: skip
+                if step:
+                    yield step
             finished = True
         finally:
             if not finished:  # client went away or we failed: free the engine's slots
@@ -344,8 +348,8 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
 
     async def _generate(
         self, request: api_pb2.GenerateRequest, stream: bool
-    ) -> AsyncIterator[api_pb2.SampleDelta | api_pb2.GenerateResponse]:
-        """One Generate call: its deltas when streaming, then the response (logged)."""
+    ) -> AsyncIterator[list[api_pb2.SampleDelta] | api_pb2.GenerateResponse]:
+        """One Generate call: its steps' deltas when streaming, then the response (logged)."""
         started = time.perf_counter()
         job = self._admit(request)
         await self.rate.hit("samples", job.user_id, job.spec.n)
@@ -357,8 +361,8 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         try:
             async with self._parts(request, job.spec.n) as parts:
                 acc = _Accumulator(self._versions(parts, job.spec.n))
-                async for delta in self._run(job, prompt_id, acc, parts, stream):
-                    yield delta
+                async for step in self._run(job, prompt_id, acc, parts, stream):
+                    yield step
         finally:
             self._inflight -= 1
             self.metrics.inflight.dec()
@@ -378,8 +382,13 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         # is then an await of this handler, where a swap's revocation can reach it.
         async with contextlib.aclosing(self._generate(request, stream=True)) as items:
             async for item in items:
-                if isinstance(item, api_pb2.SampleDelta):
-                    await context.write(api_pb2.GenerateStreamResponse(delta=item))
+                if isinstance(item, list):
+                    if request.step_deltas:
+                        step = api_pb2.SampleDeltas(deltas=item)
+                        await context.write(api_pb2.GenerateStreamResponse(step=step))
+                        continue
+                    for delta in item:
+                        await context.write(api_pb2.GenerateStreamResponse(delta=delta))
                     continue
                 for s in item.samples:
                     s.text = ""  # the deltas carried it

@@ -51,6 +51,28 @@ def test_readable_output_names_prompt_and_samples(server):
     assert out.returncode == 0 and "v0" in out.stdout
 
 
+def test_stream_prints_the_unary_text(server):
+    """--stream asks for one message per engine step; the text is the unary call's."""
+    common = ("generate", "--max-tokens", "8", "--seed", "5", "--temperature", "1")
+    out = run_cli(*common, "--n", "2", "--json", "reverse: cli", target=server.target)
+    assert out.returncode == 0, out.stderr
+    unary = [s["text"] for s in json.loads(out.stdout)["samples"]]
+
+    out = run_cli(*common, "--n", "2", "--json", "--stream", "reverse: cli", target=server.target)
+    assert out.returncode == 0, out.stderr
+    messages = [json.loads(line) for line in out.stdout.splitlines()]
+    texts = ["", ""]
+    for m in messages[:-1]:
+        for d in m["step"]["deltas"]:
+            texts[d.get("index", 0)] += d.get("text", "")
+    assert texts == unary and "final" in messages[-1]
+
+    out = run_cli(*common, "--n", "1", "--stream", "reverse: cli", target=server.target)
+    assert out.returncode == 0, out.stderr
+    out1 = run_cli(*common, "--n", "1", "--json", "reverse: cli", target=server.target)
+    assert out.stdout.startswith(json.loads(out1.stdout)["samples"][0]["text"])
+
+
 def test_errors_are_one_line_with_the_status_code(server):
     out = run_cli("feedback", "rank", "p-missing", "s-a", "s-b", "--user", "x",
                   target=server.target)  # fmt: skip

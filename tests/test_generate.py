@@ -121,6 +121,31 @@ def test_stream_chunks_are_tagged_and_match_unary_output(channel):
     assert all(s.sample_id and s.finish_reason for s in final.samples)
 
 
+def test_step_deltas_stream_one_message_per_engine_step_with_the_same_text(channel):
+    stub = _stub(channel)
+    req = _request(n=3, max_tokens=10, seed=11)
+    per_sample = list(stub.GenerateStream(req))[:-1]
+    req.step_deltas = True
+    *steps, last = list(stub.GenerateStream(req))
+    assert all(c.WhichOneof("event") == "step" for c in steps)
+    assert last.WhichOneof("event") == "final"
+
+    texts, tokens = ["", "", ""], [0, 0, 0]
+    for c in steps:
+        indexes = [d.index for d in c.step.deltas]
+        assert len(indexes) == len(set(indexes)) >= 1, "at most one delta per sample a step"
+        for d in c.step.deltas:
+            texts[d.index] += d.text
+            tokens[d.index] += d.token_count
+    assert max(len(c.step.deltas) for c in steps) == 3, "the samples advance together"
+    assert len(per_sample) >= 2 * len(steps), (len(per_sample), len(steps))
+
+    unary = stub.Generate(_request(n=3, max_tokens=10, seed=11))
+    assert texts == [s.text for s in unary.samples]
+    assert [s.token_count for s in last.final.samples] == tokens
+    assert all(s.text == "" for s in last.final.samples), "the steps carried the text"
+
+
 def _wait_engine_idle(server, timeout=5.0) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:

@@ -92,8 +92,9 @@ class Backend:
 
     def generate_stream(self, s: Session, prompt: str, n: int, max_tokens: int, temperature):
         request = wire.generate_request(
-            prompt, None, n, max_tokens, temperature, None, None, None, (), None, "", True
-        )
+            prompt, None, n, max_tokens, temperature, None, None, None, (), None, "", True,
+            step_deltas=True,
+        )  # fmt: skip
         return self.api.GenerateStream(request, **self._kw(s, 300.0))
 
     async def rank(self, s: Session, prompt_id: str, tiers: Sequence[Sequence[str]]):

@@ -18,6 +18,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from instructloop.clients import wire
+
 from . import render
 from .guard import (
     HTTP_STATUS,
@@ -56,10 +58,10 @@ async def generate(request: Request, session: Session) -> Response:
         texts: dict[int, list[str]] = {}
         try:
             async for chunk in call:
-                if chunk.HasField("delta"):
-                    d = chunk.delta
-                    texts.setdefault(d.index, []).append(d.text)
-                    yield {"event": "delta", "data": json.dumps({"i": d.index, "t": d.text})}
+                if not chunk.HasField("final"):
+                    for d in wire.stream_deltas(chunk):
+                        texts.setdefault(d.index, []).append(d.text)
+                        yield {"event": "delta", "data": json.dumps({"i": d.index, "t": d.text})}
                     continue
                 final = chunk.final
                 samples = []
