@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from instructloop.clients import AsyncClient, stream_deltas
 from instructloop.keys import DATA_FIELD, Keys
 from instructloop.v1 import api_pb2, api_pb2_grpc, records_pb2
 
@@ -144,6 +146,25 @@ def test_step_deltas_stream_one_message_per_engine_step_with_the_same_text(chann
     assert texts == [s.text for s in unary.samples]
     assert [s.token_count for s in last.final.samples] == tokens
     assert all(s.text == "" for s in last.final.samples), "the steps carried the text"
+
+
+def test_async_sdk_reads_step_deltas(server):
+    """AsyncClient.generate_stream(step_deltas=True), read with stream_deltas."""
+
+    async def run() -> tuple[list[str], list[str], list[str]]:
+        async with AsyncClient(server.target, timeout=120) as client:
+            kw = dict(n=2, max_tokens=8, seed=3, temperature=1.0)
+            texts, events = ["", ""], []
+            async for chunk in client.generate_stream("sort: c a b", step_deltas=True, **kw):
+                events.append(chunk.WhichOneof("event"))
+                for d in stream_deltas(chunk):
+                    texts[d.index] += d.text
+            unary = await client.generate("sort: c a b", **kw)
+            return texts, [s.text for s in unary.samples], events
+
+    texts, unary, events = asyncio.run(run())
+    assert texts == unary
+    assert set(events[:-1]) == {"step"} and events[-1] == "final"
 
 
 def _wait_engine_idle(server, timeout=5.0) -> float:
