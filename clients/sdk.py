@@ -214,7 +214,7 @@ class Client(_Base):
         """Like generate, streamed: deltas, then one final GenerateResponse.
 
         With step_deltas each message carries one engine step's deltas of every sample
-        (`step`) instead of one sample's (`delta`): n times fewer messages. stream_deltas()
+        (`step`) instead of one sample's (`delta`): up to n times fewer messages. stream_deltas()
         reads either. The call starts on the first next(). Leaving the iteration early
         (break, an exception, close()) cancels the RPC, so the server aborts the
         generation.
