@@ -15,9 +15,12 @@ In one run, on the default tiny model (or --model):
 
 Reported: feedback/s (median over repeats, min-max), ingest / floor and ingest / ceiling
 as the ratio of the medians and the median (min-max) of the per-repeat ratios,
-SubmitFeedback latency p50/p99 as the clients saw it, and lost (acknowledged but not in
-the stream; must be 0). `--serve-args "--redis-max-batch 1 --prompt-cache-size 0"` runs
-the server without group commit and without its prompt cache.
+SubmitFeedback latency p50/p99 as the clients saw it, lost (acknowledged but not in the
+stream; must be 0), and the CPU each acknowledged call cost: in the server process, the
+load processes, Redis and the whole machine, with the calls/s the machine's cores would
+allow at that cost (a bound that no number of front-end processes can pass).
+`--serve-args "--redis-max-batch 1 --prompt-cache-size 0"` runs the server without group
+commit and without its prompt cache.
 
     python bench/ingest.py          # prints a table, writes bench/results/ingest.json
 """
@@ -80,10 +83,25 @@ async def _send(target: str, work: list[tuple[str, list[str], str]], concurrency
 
 def _load_process(target, work, concurrency, start, results) -> None:
     start.wait()  # every process starts sending at once
-    results.put(asyncio.run(_send(target, work, concurrency)))
+    cpu = time.process_time()
+    acked, latencies, errors = asyncio.run(_send(target, work, concurrency))
+    results.put((acked, latencies, errors, time.process_time() - cpu))
 
 
-def run_load(target: str, work: list, procs: int, concurrency: int) -> dict:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process (user + system, not its children) and of
+    the whole machine (busy time summed over its cores: idle, iowait and steal left out)."""
+    import psutil
+
+    out = {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+    t = psutil.cpu_times()
+    out["machine"] = t.user + t.nice + t.system + t.irq + t.softirq
+    return out
+
+
+def run_load(target: str, work: list, procs: int, concurrency: int, pids: dict[str, int]) -> dict:
+    """Send `work` from `procs` processes; the rate, latencies, and the CPU per acknowledged
+    call of the load processes, of each process in `pids` and of the whole machine."""
     ctx = mp.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
     shares = [work[i::procs] for i in range(procs)]
@@ -94,15 +112,20 @@ def run_load(target: str, work: list, procs: int, concurrency: int) -> dict:
     for w in workers:
         w.start()
     time.sleep(3.0)  # let the processes import and connect before the clock starts
+    cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     start.set()
     parts = [results.get() for _ in workers]
     seconds = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pids)
     for w in workers:
         w.join()
     acked = [a for p in parts for a in p[0]]
     latencies = [x for p in parts for x in p[1]]
     errors = [x for p in parts for x in p[2]]
+    calls = max(len(acked), 1)
+    cpu_ms = {name: 1e3 * (cpu1[name] - cpu0[name]) / calls for name in cpu0}
+    cpu_ms["load"] = 1e3 * sum(p[3] for p in parts) / calls
     return {
         "seconds": seconds,
         "acked": acked,
@@ -110,6 +133,7 @@ def run_load(target: str, work: list, procs: int, concurrency: int) -> dict:
         "per_s": len(acked) / seconds,
         "p50_ms": 1e3 * percentile(latencies, 0.5),
         "p99_ms": 1e3 * percentile(latencies, 0.99),
+        "cpu_ms_per_call": cpu_ms,
     }
 
 
@@ -138,7 +162,7 @@ def _bare_server(port: int, ready) -> None:
 
 
 class BareServer:
-    def __enter__(self) -> str:
+    def __enter__(self) -> BareServer:
         from instructloop.redis_embedded import free_port
 
         ctx = mp.get_context("spawn")
@@ -147,7 +171,8 @@ class BareServer:
         self.proc.start()
         if not ready.wait(60):
             raise RuntimeError("the bare gRPC server did not start")
-        return f"127.0.0.1:{port}"
+        self.target = f"127.0.0.1:{port}"
+        return self
 
     def __exit__(self, *exc) -> None:
         self.proc.kill()
@@ -217,7 +242,7 @@ def prepare(target: str, count: int) -> list[tuple[str, list[str]]]:
     return out
 
 
-def measure(args, target: str, redis_url: str) -> list[dict]:
+def measure(args, target: str, redis_url: str, pids: dict[str, int]) -> list[dict]:
     from instructloop.keys import Keys
 
     keys = Keys(PREFIX)
@@ -234,11 +259,16 @@ def measure(args, target: str, redis_url: str) -> list[dict]:
         run: dict = {"repeat": rep}
         for what in order:
             if what == "ingest":
-                run["ingest"] = run_load(target, work, args.procs, args.concurrency)
+                run["ingest"] = run_load(target, work, args.procs, args.concurrency, pids)
             elif what == "ceiling":
                 with BareServer() as bare:
-                    ceiling = run_load(bare, work, args.procs, args.concurrency)
-                run["ceiling"] = {k: ceiling[k] for k in ("seconds", "per_s", "p50_ms", "p99_ms")}
+                    ceiling = run_load(
+                        bare.target, work, args.procs, args.concurrency,
+                        {"server": bare.proc.pid},
+                    )  # fmt: skip
+                ceiling.pop("acked")
+                ceiling.pop("errors")
+                run["ceiling"] = ceiling
             else:
                 _, largest = stored_ids(redis_url, keys.feedback_stream)
                 record = os.urandom(max(largest, 64))  # a record of the stored records' size
@@ -279,6 +309,14 @@ def summarize(runs: list[dict]) -> dict:
         "ceiling_ratio_per_repeat": spread(runs, "ceiling_ratio"),
         "p50_ms": spread(runs, "ingest", "p50_ms"),
         "p99_ms": spread(runs, "ingest", "p99_ms"),
+        "cpu_ms_per_call": {
+            path: {
+                k: spread(runs, path, "cpu_ms_per_call", k)
+                for k in runs[0][path]["cpu_ms_per_call"]
+            }
+            for path in ("ingest", "ceiling")
+        },
+        "cores": os.cpu_count(),
         "acked": sum(r["ingest"]["acked"] for r in runs),
         "lost": sum(r["ingest"]["lost"] for r in runs),
         "errors": sum(r["ingest"]["errors"] for r in runs),
@@ -310,6 +348,18 @@ def print_table(s: dict, args) -> None:
         f"| ingest / ceiling | {s['ceiling_ratio_of_medians']:.2f}; per repeat {c['median']:.2f} "
         f"({c['min']:.2f}-{c['max']:.2f}) | | |"
     )
+    print(
+        "\nCPU ms per acknowledged call, medians (min-max): the server process, the load "
+        "processes, Redis, the whole machine (every process, all cores); and the calls/s "
+        f"that {s['cores']} cores allow at the machine's CPU per call\n"
+    )
+    print("| path | server | load | Redis | machine | calls/s the cores allow |")
+    print("|---|---|---|---|---|---|")
+    for path, name in (("ingest", "durable SubmitFeedback"), ("ceiling", "server doing nothing")):
+        cpu = s["cpu_ms_per_call"][path]
+        cells = [mm(cpu[k], ".3f") if k in cpu else "-" for k in ("server", "load", "redis")]
+        allow = 1e3 * s["cores"] / cpu["machine"]["median"]
+        print(f"| {name} | {' | '.join(cells)} | {mm(cpu['machine'], '.3f')} | {allow:,.0f} |")
     print(f"\nacknowledged {s['acked']:,}, lost {s['lost']}, errors {s['errors']}")
 
 
@@ -352,7 +402,8 @@ def main() -> int:
         model, redis.url, [work / "server"], PREFIX, *shlex.split(args.serve_args)
     )
     try:
-        runs = measure(args, server.target, redis.url)
+        pids = {"server": server.proc.pid, "redis": redis.proc.pid}
+        runs = measure(args, server.target, redis.url, pids)
     finally:
         stop_server(server)
         redis.stop()
