@@ -1,4 +1,4 @@
-"""Helpers the benchmarks share: percentiles, spreads over repeats, the JSON result."""
+"""Helpers the benchmarks share: percentiles, spreads over repeats, CPU time, the JSON result."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import os
 import platform
 import statistics
 from pathlib import Path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:

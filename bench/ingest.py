@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's server launcher
 
-from benchlib import percentile, spread, write_result  # noqa: E402  (bench/ is on sys.path)
+from benchlib import cpu_seconds, percentile, spread, write_result  # noqa: E402  (bench/ is on sys.path)
 
 PREFIX = "bench-ingest"
 PROMPT = "sort: d b a c\n"
@@ -88,12 +88,12 @@ def _load_process(target, work, concurrency, start, results) -> None:
     results.put((acked, latencies, errors, time.process_time() - cpu))
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each named process (user + system, not its children) and of
-    the whole machine (busy time summed over its cores: idle, iowait and steal left out)."""
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process (benchlib.cpu_seconds) and of the whole
+    machine (busy time summed over its cores: idle, iowait and steal left out)."""
     import psutil
 
-    out = {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+    out = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t = psutil.cpu_times()
     out["machine"] = t.user + t.nice + t.system + t.irq + t.softirq
     return out
@@ -112,12 +112,12 @@ def run_load(target: str, work: list, procs: int, concurrency: int, pids: dict[s
     for w in workers:
         w.start()
     time.sleep(3.0)  # let the processes import and connect before the clock starts
-    cpu0 = cpu_seconds(pids)
+    cpu0 = cpu_snapshot(pids)
     t0 = time.perf_counter()
     start.set()
     parts = [results.get() for _ in workers]
     seconds = time.perf_counter() - t0
-    cpu1 = cpu_seconds(pids)
+    cpu1 = cpu_snapshot(pids)
     for w in workers:
         w.join()
     acked = [a for p in parts for a in p[0]]

@@ -60,8 +60,10 @@ from importlib import metadata
 from pathlib import Path
 
 try:  # python -m bench.serve
+    from bench.benchlib import cpu_seconds
     from bench.serve_systems import ENGINE_ENV, SYSTEMS, System, open_system
 except ImportError:  # python bench/serve.py
+    from benchlib import cpu_seconds
     from serve_systems import ENGINE_ENV, SYSTEMS, System, open_system
 
 PROMPTS = [
@@ -74,12 +76,6 @@ PROMPTS = [
     "list some good words",
     "what is the number of people",
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (not its children), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- command line ------------------------------------------------------------------------
