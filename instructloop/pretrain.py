@@ -90,6 +90,14 @@ class PretrainConfig:
         metadata={"help": "torch threads (0: torch's default); the shipped base used one."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the corpus, weights and order."})
+    final_period: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of the free-text documents that end with '.' (the others end "
+            "with no punctuation). At 1.0, the shipped base's corpus, an answer is always "
+            "followed by '.' or more text, never by the end of the text."
+        },
+    )
 
     def shape(self) -> TinyModelConfig:
         """The model shape (and seed) of this config."""
@@ -193,9 +201,11 @@ _SENTENCES = (
 )
 
 
-def pretraining_documents(seed: int) -> Iterator[str]:
+def pretraining_documents(seed: int, final_period: float = 1.0) -> Iterator[str]:
     """An endless, deterministic stream of documents: paragraphs of skill sentences, and
-    worksheets of instructions without answers (about one document in seven)."""
+    worksheets of instructions without answers (about one document in seven). A paragraph
+    ends with "." with probability `final_period` (at 1.0 no draw is made: the stream the
+    shipped base learned)."""
     rng = random.Random(seed)
     makers, weights = zip(*_SENTENCES, strict=True)
     while True:
@@ -204,7 +214,8 @@ def pretraining_documents(seed: int) -> Iterator[str]:
         else:
             k = rng.randint(1, 6)
             sep = rng.choice((". ", "\n", "; "))
-            yield sep.join(f(rng) for f in rng.choices(makers, weights, k=k)) + "."
+            text = sep.join(f(rng) for f in rng.choices(makers, weights, k=k))
+            yield text + "." if final_period >= 1.0 or rng.random() < final_period else text
 
 
 def pretraining_corpus(seed: int, documents: int) -> list[str]:
@@ -242,7 +253,7 @@ def _batches(tokenizer, cfg: PretrainConfig) -> Iterator:
     """[B, T+1] token blocks cut from the document stream, documents joined by EOS."""
     import torch
 
-    docs = pretraining_documents(cfg.seed)
+    docs = pretraining_documents(cfg.seed, cfg.final_period)
     buf: list[int] = []
     need = cfg.batch_size * (cfg.seq_len + 1)
     while True:

@@ -93,9 +93,12 @@ class CheckpointDecoder:
         return load_checkpoint(path, base_path)
 
     def answers(self, path: str | Path, base_path: str | Path | None = None) -> Answers:
+        return self.answers_of(*self.load(path, base_path))
+
+    def answers_of(self, model, tokenizer) -> Answers:
+        """The answers of a loaded model (eval mode; its tokenizer pads on the left)."""
         import torch
 
-        model, tokenizer = self.load(path, base_path)
         torch.manual_seed(self.seed)  # the same sampling noise for every version
         greedy = self._decode(model, tokenizer, sample=False)
         sampled = self._decode(model, tokenizer, sample=self.temperature > 0)

@@ -81,14 +81,16 @@ def correct_concise(prompt: str, samples: Sequence[str]) -> list[RankItem]:
     """Correct answers first; then answers closer to the correct one (difflib similarity
     2*matches / (len(answer) + len(sample)), in steps of 0.1); among equally close ones,
     the shorter; an empty answer is last."""
+    return rank_by_score([correct_concise_key(prompt, s) for s in samples])
+
+
+def correct_concise_key(prompt: str, text: str) -> tuple[bool, bool, float, int]:
+    """What correct_concise ranks by, largest first: (right, non-empty, similarity in
+    steps of 0.1, minus the length)."""
     target = answer(prompt) or ""
-
-    def score(text: str) -> tuple[bool, bool, float, int]:
-        text = text.strip()
-        similarity = round(difflib.SequenceMatcher(None, text, target).ratio(), 1)
-        return text == target, bool(text), similarity, -len(text)
-
-    return rank_by_score([score(s) for s in samples])
+    text = text.strip()
+    similarity = round(difflib.SequenceMatcher(None, text, target).ratio(), 1)
+    return text == target, bool(text), similarity, -len(text)
 
 
 correct_concise.demonstrate = answer  # type: ignore[attr-defined]

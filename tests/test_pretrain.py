@@ -51,6 +51,28 @@ def test_corpus_never_shows_an_instruction_followed_by_its_answer():
     assert len(sorts) > 200 and all(b == " ".join(sorted(a.split())) for a, b in sorts)
 
 
+def test_final_period_ends_that_share_of_the_paragraphs_and_keeps_the_default_stream():
+    from instructloop.pretrain import pretraining_documents
+
+    def paragraphs(docs):  # worksheets end with an instruction line, not a sentence
+        return [d for d in docs if not d.endswith("\n")]
+
+    shipped = pretraining_corpus(seed=0, documents=2_000)
+    assert all(d.endswith(".") for d in paragraphs(shipped))
+    stream = pretraining_documents(0, final_period=1.0)
+    assert [next(stream) for _ in range(2_000)] == shipped  # no extra draw at 1.0
+
+    stream = pretraining_documents(0, final_period=0.5)
+    half = paragraphs([next(stream) for _ in range(2_000)])
+    share = sum(d.endswith(".") for d in half) / len(half)
+    assert 0.4 < share < 0.6, share
+    for doc in half:  # still never the task format followed by its answer
+        lines = doc.split("\n")
+        for line, after in zip(lines, lines[1:], strict=False):
+            if TASK_LINE.match(line):
+                assert after.strip() != answer(line + "\n"), doc
+
+
 def test_char_tokenizer_gives_each_character_its_own_token():
     tok = build_char_tokenizer()
     import random
