@@ -3,11 +3,11 @@
 With comparisons only (`simulate --demo-prob 0`) the local loop got at most 0.5% greedy
 exact-match from the shipped base while its reward model's held-out accuracy was
 0.77-0.82 (README, The whole loop). Is the reward model what fails, or the base? This
-script takes the reward model out: TRL's GRPOTrainer (the learner's `--algorithm grpo`,
-with its defaults but the learning rate) trains the base on task prompts with the
-default labeler's own judgement as the reward, which is the best a reward model trained
-on correct_concise's rankings could learn. Two rewards, the same budget and seed, in one
-run:
+script takes the reward model out: TRL's GRPOTrainer (what the learner's `--algorithm
+grpo` runs; here groups of 8, 64 samples a step, lr 3e-4, the learner's KL coefficient
+0.05 to the base) trains the base on task prompts with the default labeler's own
+judgement as the reward, which is the best a reward model trained on correct_concise's
+rankings could learn. Two rewards, the same budget and seed, in one run:
 
   dense  correct_concise's ranking key as one number: 3 for the right answer, + 1 for a
          non-empty one, + its similarity to the right answer (difflib, steps of 0.1),
