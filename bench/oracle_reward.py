@@ -70,10 +70,9 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from instructloop.learner.ppo import load_policy
-    from instructloop.loop.evaluate import exact_match, load_checkpoint
+    from instructloop.loop.evaluate import exact_match
 
-    _, eval_tokenizer = load_checkpoint(base)  # left padding, as every version is decoded
-    model, tokenizer = load_policy(base, lora=False)
+    model, tokenizer = load_policy(base, lora=False)  # left padding, as versions are decoded
     reward = LabelerReward(kind)
     curve: list[dict] = []
     t0 = time.perf_counter()
@@ -81,7 +80,7 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
     def evaluate(model, step: int) -> None:
         rng = torch.get_rng_state()  # the decoder reseeds: keep training's own stream
         model.eval()
-        answers = decoder.answers_of(model, eval_tokenizer)
+        answers = decoder.answers_of(model, tokenizer)
         greedy, sampled = answers.exact_match(decoder.prompts)
         but_period = exact_match(
             decoder.prompts, [a.strip().removesuffix(".") for a in answers.greedy]
@@ -140,14 +139,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--base", default="", help="base model dir (default: the shipped base)")
-    parser.add_argument("--episodes", type=int, default=8192, help="samples per reward (8192)")
+    parser.add_argument("--episodes", type=int, default=16384, help="samples per reward (16384)")
     parser.add_argument("--batch", type=int, default=64, help="samples per step (64)")
     parser.add_argument("--group", type=int, default=8, help="samples per prompt (8)")
     parser.add_argument(
         "--lr", type=float, default=3e-4, help="AdamW learning rate (3e-4; the learner's 1e-5)"
     )
     parser.add_argument("--beta", type=float, default=0.05, help="KL to the base (the learner's)")
-    parser.add_argument("--eval-every", type=int, default=16, help="steps between evaluations")
+    parser.add_argument("--eval-every", type=int, default=32, help="steps between evaluations")
     parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (200)")
     parser.add_argument("--rewards", default=",".join(REWARDS), help="which rewards to run")
     parser.add_argument("--seed", type=int, default=0)
