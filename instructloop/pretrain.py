@@ -57,6 +57,8 @@ TASK_VERBS = ("reverse", "sort", "uppercase", "count")
 # the loss on it, so nothing trains on it (pretraining and PPO-ptx take PretrainConfig's
 # seed, 0).
 HELDOUT_CORPUS_SEED = 99991
+# Share of the corpus's paragraphs that end with "." (PretrainConfig.final_period).
+FINAL_PERIOD = 0.5
 
 
 @dataclass
@@ -91,11 +93,12 @@ class PretrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the corpus, weights and order."})
     final_period: float = field(
-        default=1.0,
+        default=FINAL_PERIOD,
         metadata={
             "help": "Share of the free-text documents that end with '.' (the others end "
-            "with no punctuation). At 1.0, the shipped base's corpus, an answer is always "
-            "followed by '.' or more text, never by the end of the text."
+            "with no punctuation; the shipped base: 0.5). At 1.0 an answer is always "
+            "followed by '.' or more text, never by the end of the text, and comparisons "
+            "alone cannot teach the exact answer."
         },
     )
 
@@ -201,11 +204,11 @@ _SENTENCES = (
 )
 
 
-def pretraining_documents(seed: int, final_period: float = 1.0) -> Iterator[str]:
+def pretraining_documents(seed: int, final_period: float = FINAL_PERIOD) -> Iterator[str]:
     """An endless, deterministic stream of documents: paragraphs of skill sentences, and
     worksheets of instructions without answers (about one document in seven). A paragraph
-    ends with "." with probability `final_period` (at 1.0 no draw is made: the stream the
-    shipped base learned)."""
+    ends with "." with probability `final_period` (at 1.0 no draw is made: the stream of
+    the bases made before the option existed)."""
     rng = random.Random(seed)
     makers, weights = zip(*_SENTENCES, strict=True)
     while True:
@@ -218,9 +221,11 @@ def pretraining_documents(seed: int, final_period: float = 1.0) -> Iterator[str]
             yield text + "." if final_period >= 1.0 or rng.random() < final_period else text
 
 
-def pretraining_corpus(seed: int, documents: int) -> list[str]:
+def pretraining_corpus(
+    seed: int, documents: int, final_period: float = FINAL_PERIOD
+) -> list[str]:
     """The first `documents` documents of the stream (for tests and inspection)."""
-    it = pretraining_documents(seed)
+    it = pretraining_documents(seed, final_period)
     return [next(it) for _ in range(documents)]
 
 

@@ -46,23 +46,25 @@ def test_corpus_never_shows_an_instruction_followed_by_its_answer():
     for phrase in ("backwards is", "and get", "in order is", "in capitals is", "words"):
         assert phrase in text
     reversals = re.findall(START + r"reverse ([a-z]+) and get ([a-z]+)\b", text)
-    assert len(reversals) > 200 and all(b == a[::-1] for a, b in reversals)
+    assert len(reversals) > 150 and all(b == a[::-1] for a, b in reversals)
     sorts = re.findall(START + r"sort ((?:[a-z] )*[a-z]) and get ((?:[a-z] )*[a-z])\b", text)
-    assert len(sorts) > 200 and all(b == " ".join(sorted(a.split())) for a, b in sorts)
+    assert len(sorts) > 150 and all(b == " ".join(sorted(a.split())) for a, b in sorts)
 
 
-def test_final_period_ends_that_share_of_the_paragraphs_and_keeps_the_default_stream():
-    from instructloop.pretrain import pretraining_documents
+def test_final_period_ends_that_share_of_the_paragraphs():
+    from instructloop.pretrain import FINAL_PERIOD, pretraining_documents
 
     def paragraphs(docs):  # worksheets end with an instruction line, not a sentence
         return [d for d in docs if not d.endswith("\n")]
 
-    # At the default 1.0 every paragraph ends with "." and no extra draw is made, so the
-    # stream is the one the shipped base learned (its first losses are reproduced below).
-    shipped = pretraining_corpus(seed=0, documents=2_000)
-    assert all(d.endswith(".") for d in paragraphs(shipped))
+    # At 1.0 every paragraph ends with "." and no extra draw is made (the stream of the
+    # bases made before the option existed): an answer is never followed by the end.
+    always = pretraining_corpus(seed=0, documents=2_000, final_period=1.0)
+    assert all(d.endswith(".") for d in paragraphs(always))
 
-    stream = pretraining_documents(0, final_period=0.5)
+    assert FINAL_PERIOD == PretrainConfig().final_period == 0.5
+    assert pretraining_corpus(seed=0, documents=50) == pretraining_corpus(0, 50, 0.5)
+    stream = pretraining_documents(0)
     half = paragraphs([next(stream) for _ in range(2_000)])
     share = sum(d.endswith(".") for d in half) / len(half)
     assert 0.4 < share < 0.6, share
@@ -124,10 +126,7 @@ def test_the_shipped_base_is_what_the_script_makes_with_its_defaults(tmp_path):
     length). ensure_base copies them into a data dir."""
     shipped = json.loads((SHIPPED_BASE / "instructloop_base.json").read_text())
     default = PretrainConfig()
-    # Options added after the base was made are absent from its record; their defaults
-    # keep the script's old behaviour (final_period 1.0: the same corpus stream).
-    added_since = {"final_period": 1.0}
-    assert {**added_since, **shipped["pretrain"]} == default.__dict__
+    assert shipped["pretrain"] == default.__dict__
     assert shipped["steps"] == default.max_steps
     recorded = shipped["first_losses"]
     short = PretrainConfig(**{**default.__dict__, "max_steps": len(recorded), "threads": 1})
