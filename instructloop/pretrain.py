@@ -76,7 +76,7 @@ class PretrainConfig:
     max_steps: int = field(
         default=6000,
         metadata={
-            "help": "Optimizer steps (the cosine schedule's length): ~19 min on one thread "
+            "help": "Optimizer steps (the cosine schedule's length): ~18 min on one thread "
             "(2,000 steps: ~5 min, a weaker base)."
         },
     )
@@ -221,9 +221,7 @@ def pretraining_documents(seed: int, final_period: float = FINAL_PERIOD) -> Iter
             yield text + "." if final_period >= 1.0 or rng.random() < final_period else text
 
 
-def pretraining_corpus(
-    seed: int, documents: int, final_period: float = FINAL_PERIOD
-) -> list[str]:
+def pretraining_corpus(seed: int, documents: int, final_period: float = FINAL_PERIOD) -> list[str]:
     """The first `documents` documents of the stream (for tests and inspection)."""
     it = pretraining_documents(seed, final_period)
     return [next(it) for _ in range(documents)]

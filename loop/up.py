@@ -179,7 +179,36 @@ def _stop(name: str, proc: subprocess.Popen | None) -> int | None:
     return proc.returncode
 
 
+def _ports_in_use(cfg: UpConfig) -> list[str]:
+    """The server's ports that another process already listens on. Checked before
+    anything starts: a server left running on --port would answer the health check in
+    place of ours (which then fails to bind), and up would drive the wrong deployment.
+    (A taken --web-port only leaves the loop without its pages, as before.)"""
+    import socket
+
+    taken = []
+    for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port)):
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+            # SO_REUSEADDR as the servers bind: a closed connection's TIME_WAIT does not
+            # count, a listener does (Linux refuses it unless both set SO_REUSEPORT).
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((cfg.host, port))
+            except OSError:
+                taken.append(f"{cfg.host}:{port} ({flag})")
+    return taken
+
+
 def run(cfg: UpConfig) -> int:
+    if taken := _ports_in_use(cfg):
+        print(
+            f"up: error: {', '.join(taken)} is in use: another server (an earlier `up`?) "
+            "listens there; stop it or choose another port",
+            file=sys.stderr,
+        )
+        return 2
     data = Path(cfg.data_dir).resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,35 @@ def test_errors_are_one_line_with_the_status_code(server):
                   target=server.target)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.startswith("error: NOT_FOUND:") and "Traceback" not in out.stderr
+
+
+def test_up_refuses_a_port_another_server_listens_on(tmp_path):
+    """A server left running on the port answered up's health check before up's own
+    server had failed to bind, and up then crashed reading a token its server never
+    wrote. up checks its ports first and says which one is taken."""
+    import time
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    other = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, other)
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "instructloop.cli", "up", "--data-dir", str(tmp_path / "d"),
+             "--port", str(port), "--web-port", "0"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        other.stop(None)
+    assert proc.returncode == 2, proc.stderr
+    assert f"127.0.0.1:{port} (--port) is in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "d" / "redis").exists()  # nothing was started
+    assert time.monotonic() - t0 < 60
