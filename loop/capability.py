@@ -23,13 +23,13 @@ mean is over all predicted tokens together, so the batch size does not change th
 
 The tax of a version is its corpus_loss minus v0's: > 0 is capability the base had and
 the version lost, < 0 is corpus skill it gained (SFT on task answers can help, since the
-corpus writes the same skills). The shipped base scores 0.827 (a random-init model of
-its shape 5.60); the 200 default documents (~23k tokens) take about 1.5 s on one CPU
+corpus writes the same skills). The shipped base scores 0.853 (a random-init model of
+its shape 5.62); the 200 default documents (~23k tokens) take about 1.5 s on one CPU
 thread, plus loading the checkpoint.
 
 `count_exact_match` is a second, more readable probe of the same kind: the share of
 "count: WORDS = " prompts the version continues with the right number of words (a skill
-of the corpus that no task asks; the shipped base gets 0.63, a random-init model 0).
+of the corpus that no task asks; the shipped base gets 0.54, a random-init model 0).
 
 The checkpoints are read as the evaluation reads them (evaluate.py `load_checkpoint`: a full
 checkpoint, or a LoRA adapter merged over its base), in float32 on CPU, deterministically.
