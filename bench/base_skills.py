@@ -73,11 +73,11 @@ def measure(name: str, base: Path, args, eval_prompts, train_prompts, free) -> d
         eval_prompts, max_tokens=16, temperature=1.0, seed=args.seed, threads=args.threads
     )
     row: dict = {"base": str(base)}
-    greedy, sampled = decoder.answers(base).exact_match(eval_prompts)
+    model, tokenizer = load_checkpoint(base)  # once, for both decodes below
+    greedy, sampled = decoder.answers_of(model, tokenizer).exact_match(eval_prompts)
     row["instruction_greedy"], row["instruction_sampled"] = greedy, sampled
     print(f"  {name}: instruction exact-match greedy {greedy:.3f}, sampled {sampled:.3f}")
 
-    model, tokenizer = load_checkpoint(base)
     free_decoder = CheckpointDecoder(
         [p for p, _ in free], max_tokens=12, temperature=0.0, seed=args.seed, threads=args.threads
     )
