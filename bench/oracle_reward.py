@@ -14,12 +14,19 @@ rankings could learn. Two rewards, the same budget and seed, in one run:
          - its length / 1000. It orders any samples exactly as the labeler ranks them;
   exact  1 for the right answer, 0 otherwise: exact-match itself. A group of samples
          with no right one has no advantage, so it teaches nothing.
+  rm     (with --reward-model DIR) a reward model the learner trained, e.g. a round's
+         `rm` of a `simulate --demo-prob 0` run (DATA_DIR/learner/rounds/rN/rm): its score,
+         as the learner's GRPO uses it (algorithms.RewardModelScore). The same budget
+         from the base, so the learned RM is judged apart from the loop's rounds.
 
 Every --eval-every steps (and before the first): greedy and temperature-1 exact-match on
 --eval-prompts held-out prompts, decoded as `simulate` measures a version
 (loop/evaluate.py, 16 new tokens); how many greedy answers are right but for a final
 "." (a diagnostic, not a success: the labeler and exact-match count them wrong); the
-share of that stretch's training samples that were right; and four greedy answers.
+share of that stretch's training samples that were right; the KL to the base as the
+learner's gate measures it (learner/gate.py: log pi - log pi_base summed over each
+temperature-1 response, averaged; 2 samples of each of the first 64 held-out prompts),
+to compare with the gate's bound (--max-kl, 20 nats); and four greedy answers.
 Reported: both curves, and the last greedy exact-match of each with the ratio dense /
 exact (none when exact's is 0).
 
@@ -38,15 +45,21 @@ import torch
 from benchlib import write_result  # bench/ is on sys.path as a script
 
 ROOT = Path(__file__).resolve().parents[1]
-REWARDS = ("dense", "exact")
+REWARDS = ("dense", "exact", "rm")
 
 
 class LabelerReward:
-    """A TRL reward function computed from correct_concise's ranking key."""
+    """A TRL reward function computed from correct_concise's ranking key (or, for "rm",
+    a learned reward model's score); it counts the right samples either way."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, reward_model: str = ""):
         self.kind = self.__name__ = kind
         self.right = self.samples = 0  # since the last evaluation
+        self.rm = None
+        if kind == "rm":
+            from instructloop.learner.algorithms import RewardModelScore
+
+            self.rm = RewardModelScore(reward_model)
 
     def __call__(self, prompts, completions, **_) -> list[float]:
         from instructloop.loop.labelers import correct_concise_key
@@ -60,7 +73,7 @@ class LabelerReward:
                 out.append(float(right))
             else:
                 out.append(3.0 * right + non_empty + similarity + minus_length / 1000)
-        return out
+        return self.rm(prompts, completions) if self.rm else out
 
 
 def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
@@ -69,11 +82,16 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from instructloop.learner.ppo import load_policy
+    from instructloop.learner.config import PPOConfig
+    from instructloop.learner.ppo import load_policy, rollout
     from instructloop.loop.evaluate import exact_match
 
     model, tokenizer = load_policy(base, lora=False)  # left padding, as versions are decoded
-    reward = LabelerReward(kind)
+    ref, _ = load_policy(base, lora=False)
+    ref.eval()
+    kl_cfg = PPOConfig(max_new_tokens=16, temperature=1.0)
+    kl_prompts = [p for p in decoder.prompts[:64] for _ in range(2)]
+    reward = LabelerReward(kind, args.reward_model)
     curve: list[dict] = []
     t0 = time.perf_counter()
 
@@ -85,6 +103,12 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
         but_period = exact_match(
             decoder.prompts, [a.strip().removesuffix(".") for a in answers.greedy]
         )
+        with torch.no_grad():  # the gate's estimate (gate.py), 64 prompts at a time
+            kls = []
+            for i in range(0, len(kl_prompts), 64):
+                ro = rollout(model, ref, tokenizer, kl_prompts[i : i + 64], kl_cfg)
+                kls.append(((ro.logp - ro.ref_logp) * ro.mask).sum(-1))
+            kl = torch.cat(kls).mean().item()
         model.train()
         torch.set_rng_state(rng)
         row = {
@@ -94,6 +118,7 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
             "exact_sampled": sampled,
             "right_but_period_greedy": but_period,
             "train_right": reward.right / reward.samples if reward.samples else None,
+            "kl_to_base": kl,
             "seconds": time.perf_counter() - t0,
             "examples": dict(zip(decoder.prompts[:4], answers.greedy[:4], strict=True)),
         }
@@ -103,7 +128,7 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
         print(
             f"  {kind} step {step:4d} ({row['episodes']:5d} episodes): exact greedy "
             f"{greedy:.3f}, sampled {sampled:.3f}, right but for a final '.' {but_period:.3f}; "
-            f"training samples right {shown} "
+            f"training samples right {shown}; KL to the base {kl:.2f} "
             f"({row['seconds']:.0f}s)",
             flush=True,
         )
@@ -148,7 +173,12 @@ def main() -> int:
     parser.add_argument("--beta", type=float, default=0.05, help="KL to the base (the learner's)")
     parser.add_argument("--eval-every", type=int, default=32, help="steps between evaluations")
     parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (200)")
-    parser.add_argument("--rewards", default=",".join(REWARDS), help="which rewards to run")
+    parser.add_argument(
+        "--rewards", default="dense,exact", help=f"which rewards to run, of {REWARDS} (dense,exact)"
+    )
+    parser.add_argument(
+        "--reward-model", default="", help="the learner's RM dir that the 'rm' reward scores with"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     parser.add_argument(
@@ -177,6 +207,8 @@ def main() -> int:
     kinds = [k for k in args.rewards.split(",") if k]
     if unknown := set(kinds) - set(REWARDS):
         parser.error(f"--rewards: unknown {sorted(unknown)}; choose from {REWARDS}")
+    if ("rm" in kinds) != bool(args.reward_model):
+        parser.error("--rewards rm and --reward-model DIR go together")
     runs = {}
     for kind in kinds:
         print(f"GRPO from the base with the {kind} labeler reward", flush=True)
@@ -185,7 +217,8 @@ def main() -> int:
     print(f"\n{args.episodes} episodes each, groups of {args.group}, lr {args.lr}, "
           f"beta {args.beta}; {args.eval_prompts} held-out prompts\n")  # fmt: skip
     print("| episodes | " + " | ".join(
-        f"{k}: exact greedy / sampled / right but for a final '.' / train right" for k in kinds
+        f"{k}: exact greedy / sampled / right but for a final '.' / train right / KL to base"
+        for k in kinds
     ) + " |")  # fmt: skip
     print("|---|" + "---|" * len(kinds))
     for i, row in enumerate(runs[kinds[0]]["curve"]):
@@ -195,7 +228,7 @@ def main() -> int:
             right = "-" if r["train_right"] is None else f"{r['train_right']:.3f}"
             cells.append(
                 f"{r['exact_greedy']:.3f} / {r['exact_sampled']:.3f} / "
-                f"{r['right_but_period_greedy']:.3f} / {right}"
+                f"{r['right_but_period_greedy']:.3f} / {right} / {r['kl_to_base']:.2f}"
             )
         print(f"| {row['episodes']} | " + " | ".join(cells) + " |")
     final = {k: runs[k]["curve"][-1]["exact_greedy"] for k in kinds}

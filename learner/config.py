@@ -342,6 +342,18 @@ class AlignConfig:
             "and torchrun."
         },
     )
+    start_from_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "The algorithm starts each round from the reference (the latest SFT "
+            "policy, or the base before any SFT) even when no SFT ran, as InstructGPT "
+            "trained every PPO model from the SFT model. Off: a round without a new SFT "
+            "run starts from the serving policy, so rounds add up. With no "
+            "demonstrations, on: each round's candidate is the base optimised once against "
+            "that round's RM, and its drift from the base does not pile up round on round; "
+            "give it a round's worth of samples (--rl-episodes). Not with --kind lora."
+        },
+    )
     dpo_beta: float = field(
         default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference."}
     )

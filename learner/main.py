@@ -103,6 +103,11 @@ class Configs:
         algorithm = self.align.algorithm
         if algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm: one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+        if self.align.start_from_reference and self.ppo.lora:
+            raise ValueError(
+                "--start-from-reference trains full weights from the reference: not with "
+                "--kind lora (each adapter sits on the serving weights)"
+            )
         if algorithm == "ppo":
             return
         if self.ppo.lora:

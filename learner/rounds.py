@@ -23,8 +23,9 @@ One round, top to bottom (Learner.run_round):
                comparison has the demonstration of its prompt ranked first when there
                is one (reward.py);
   3. policy    --algorithm (algorithms.py; PPO by default, ppo.py) from the serving
-               policy (or the new SFT policy), reference = the latest SFT policy, or the
-               base model before any SFT; the algorithm is recorded in the gate dict;
+               policy (or the new SFT policy; --start-from-reference: the reference
+               always), reference = the latest SFT policy, or the base model before any
+               SFT; the algorithm is recorded in the gate dict;
   4. gate      RM-estimated win rate of the candidate against the serving version on
                held-out prompts (users split by a keyed hash, as the paper split by
                customer; a fresh sample each round, seeded by the split's secret and the
@@ -305,6 +306,8 @@ class Learner:
                 out_dir=work / "sft",
             )
             ref_dir = policy_start = work / "sft"
+        elif self.align_cfg.start_from_reference:
+            policy_start = ref_dir
 
         # ---- 2. reward model: from the SFT policy on every comparison, or a warm start
         phase("reward model")
@@ -363,6 +366,7 @@ class Learner:
         )  # fmt: skip
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
         gate["algorithm"] = algorithm  # a string: manifest metrics are floats only
+        gate["started_from"] = "reference" if policy_start == ref_dir else "serving"
         gate["reason"] = f"{algorithm}: {gate['reason']}"  # what `models show` displays
         gate["learner"] = str(self.data_dir.resolve())  # which learner's round this is
 

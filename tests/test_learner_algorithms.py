@@ -343,3 +343,43 @@ def test_sft_round_without_new_demonstrations_is_skipped(deployment, caplog):
         loop.run_until_complete(aclient.aclose())
         loop.close()
         dataset.close()
+
+
+def test_start_from_reference_trains_the_reference_not_the_serving_policy(deployment):
+    """--start-from-reference with no new demonstrations: the round's GRPO starts from the
+    reference (the latest SFT policy), not from the serving version the earlier rounds
+    trained; at a learning rate too small to move a weight, the candidate IS the
+    reference's weights. Without the option it would be the serving version's."""
+    from safetensors.torch import load_file
+
+    work, redis, client = deployment
+    serving = client.get_model().version
+    state = json.loads((work / "learner" / "state.json").read_text())
+    reference = state["sft_dir"]
+    assert reference, "the module's earlier rounds ran SFT"
+    r, keys = redis.client(), Keys(PREFIX)
+    for prompt, feedback in synthetic.preference_data(16, k=4, n_users=20, seed=60):
+        r.xadd(keys.prompts_stream, {DATA_FIELD: prompt.SerializeToString()})
+        r.xadd(keys.feedback_stream, {DATA_FIELD: feedback.SerializeToString()})
+    cfgs = configs(work, redis.url, "grpo")
+    cfgs.align.start_from_reference = True
+    cfgs.align.rl_learning_rate = 1e-30
+    assert run(cfgs) == 0
+
+    store = ModelStore(work / "store")
+    state = json.loads((work / "learner" / "state.json").read_text())
+    [m] = [v for v in store.list() if v.id == state["last_version"]]
+    assert m.parent == serving and m.gate["started_from"] == "reference", m.gate
+    assert m.metrics["sft_demonstrations"] == 0 and state["sft_dir"] == reference  # no SFT ran
+
+    def weights(path) -> dict:
+        return load_file(str(path) + "/model.safetensors")
+
+    cand, ref, serv = weights(store.path(m.id)), weights(reference), weights(store.path(serving))
+    assert all(torch.equal(cand[k], ref[k]) for k in ref)
+    assert not all(torch.equal(cand[k], serv[k]) for k in serv)
+    with pytest.raises(ValueError, match="--kind lora"):
+        Configs(
+            LearnerConfig(device="cpu"), ConsumerConfig(), RoundConfig(kind="lora"),
+            SFTStepConfig(), RewardConfig(), PPOConfig(), AlignConfig(start_from_reference=True),
+        )  # fmt: skip
