@@ -27,10 +27,11 @@ share of that stretch's training samples that were right; the KL to the base as 
 learner's gate measures it (learner/gate.py: log pi - log pi_base summed over each
 temperature-1 response, averaged; 2 samples of each of the first 64 held-out prompts),
 to compare with the gate's bound (--max-kl, 20 nats); and four greedy answers.
-Reported: both curves, and the last greedy exact-match of each with the ratio dense /
-exact (none when exact's is 0).
+Reported: each reward's curve, and the last greedy exact-match of each with the ratio
+of the first reward's to the second's when two ran (none when the second's is 0).
 
     python bench/oracle_reward.py   # prints the table, writes bench/results/oracle_reward.json
+    python bench/oracle_reward.py --rewards dense,rm --reward-model DATA_DIR/learner/rounds/r14/rm
 """
 
 from __future__ import annotations
