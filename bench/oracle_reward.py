@@ -104,11 +104,11 @@ def train(args, kind: str, base: Path, prompts: list[str], decoder) -> dict:
         but_period = exact_match(
             decoder.prompts, [a.strip().removesuffix(".") for a in answers.greedy]
         )
-        with torch.no_grad():  # the gate's estimate (gate.py), 64 prompts at a time
-            kls = []
-            for i in range(0, len(kl_prompts), 64):
-                ro = rollout(model, ref, tokenizer, kl_prompts[i : i + 64], kl_cfg)
-                kls.append(((ro.logp - ro.ref_logp) * ro.mask).sum(-1))
+        with torch.no_grad():  # the gate's estimate (Rollout.kl), 64 prompts at a time
+            kls = [
+                rollout(model, ref, tokenizer, kl_prompts[i : i + 64], kl_cfg).kl()
+                for i in range(0, len(kl_prompts), 64)
+            ]
             kl = torch.cat(kls).mean().item()
         model.train()
         torch.set_rng_state(rng)

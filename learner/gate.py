@@ -64,7 +64,7 @@ def evaluate_gate(
             c = score_texts(rm, rm_tokenizer, chunk, ro_c.texts)  # [B]
             s = score_texts(rm, rm_tokenizer, chunk, ro_s.texts)  # [B]
         wins.append((c > s).float() + 0.5 * (c == s).float())
-        kls.append(((ro_c.logp - ro_c.ref_logp) * ro_c.mask).sum(-1))  # [B] per response
+        kls.append(ro_c.kl())  # [B] per response
         cand_scores.append(c)
         serv_scores.append(s)
     win_rate = torch.cat(wins).mean().item()

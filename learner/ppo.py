@@ -210,6 +210,11 @@ class Rollout:
     logp: torch.Tensor  # [B, R] policy log-probs at sampling time
     ref_logp: torch.Tensor  # [B, R] reference log-probs
 
+    def kl(self) -> torch.Tensor:
+        """[B] log pi - log pi_ref summed over each response: the KL estimate per
+        response that the gate bounds and evaluate_policy reports."""
+        return ((self.logp - self.ref_logp) * self.mask).sum(-1)
+
 
 @torch.no_grad()
 def rollout(policy, ref, tokenizer, prompts: Sequence[str], cfg: PPOConfig, engine=None) -> Rollout:
@@ -729,7 +734,7 @@ def evaluate_policy(
         with autocast(device):
             ro = rollout(policy, ref, tokenizer, batch[i : i + cfg.rollout_prompts], cfg)
             scores.append(score_texts(reward_model, reward_tokenizer, ro.prompts, ro.texts))
-        kls.append(((ro.logp - ro.ref_logp) * ro.mask).sum(-1))
+        kls.append(ro.kl())
     return {
         "mean_score": torch.cat(scores).mean().item(),
         "kl": torch.cat(kls).mean().item(),

@@ -214,13 +214,13 @@ def registry_call(url: str, work, fn):
     return asyncio.run(go())
 
 
-def log_feedback(redis, seed: int) -> tuple[list, list]:
-    """New rankings, and demonstrations for half their prompts (enough for an SFT run),
-    XADDed as the server logs them."""
+def log_feedback(redis, seed: int, demonstrations: bool = True) -> tuple[list, list]:
+    """New rankings, and (unless told not to) demonstrations for half their prompts
+    (enough for an SFT run), XADDed as the server logs them."""
     data = synthetic.preference_data(16, k=4, n_users=20, seed=seed)
     demos = [
         (p, synthetic.demonstration_record(f"demo{seed}-{i}", p, " good good", p.user_id))
-        for i, (p, _) in enumerate(data[:8])
+        for i, (p, _) in enumerate(data[:8] if demonstrations else ())
     ]
     r, keys = redis.client(), Keys(PREFIX)
     for prompt, feedback in data + demos:
@@ -357,10 +357,7 @@ def test_start_from_reference_trains_the_reference_not_the_serving_policy(deploy
     state = json.loads((work / "learner" / "state.json").read_text())
     reference = state["sft_dir"]
     assert reference, "the module's earlier rounds ran SFT"
-    r, keys = redis.client(), Keys(PREFIX)
-    for prompt, feedback in synthetic.preference_data(16, k=4, n_users=20, seed=60):
-        r.xadd(keys.prompts_stream, {DATA_FIELD: prompt.SerializeToString()})
-        r.xadd(keys.feedback_stream, {DATA_FIELD: feedback.SerializeToString()})
+    log_feedback(redis, seed=60, demonstrations=False)
     cfgs = configs(work, redis.url, "grpo")
     cfgs.align.start_from_reference = True
     cfgs.align.rl_learning_rate = 1e-30
