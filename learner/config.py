@@ -164,6 +164,16 @@ class RoundConfig:
         default=20.0,
         metadata={"help": "Gate: bound on the KL to the reference (nats per response)."},
     )
+    gate_reward_model: str = field(
+        default="policy",
+        metadata={
+            "help": "The RM that judges the gate. 'policy': the round's RM, the one the "
+            "candidate was optimised against. 'second': a second RM trained on the same "
+            "comparisons from the same start with the next seed (its own head and batch "
+            "order), used by the gate only, so a candidate that learnt the quirks of its "
+            "own RM is not judged by them (reward over-optimisation)."
+        },
+    )
     gate_prompts: int = field(
         default=64, metadata={"help": "Held-out prompts the gate samples (at most)."}
     )

@@ -86,6 +86,11 @@ class Configs:
     def __post_init__(self):
         if self.round.kind not in ("full", "lora"):
             raise ValueError(f"--kind must be 'full' or 'lora', got {self.round.kind!r}")
+        if self.round.gate_reward_model not in ("policy", "second"):
+            raise ValueError(
+                "--gate-reward-model must be 'policy' or 'second', got "
+                f"{self.round.gate_reward_model!r}"
+            )
         self.ppo.lora = self.round.kind == "lora"  # derived once, here
         if self.learner.sharding not in distributed.SHARDINGS:
             raise ValueError(f"--sharding must be 'ddp' or 'fsdp', got {self.learner.sharding!r}")

@@ -30,6 +30,8 @@ One round, top to bottom (Learner.run_round):
                held-out prompts (users split by a keyed hash, as the paper split by
                customer; a fresh sample each round, seeded by the split's secret and the
                round) above a threshold, and KL to the reference below a bound (gate.py);
+               the RM is the round's, or (--gate-reward-model second) a second one
+               trained beside it with the next seed and used by the gate only;
   5. publish   the new SFT policy as a version of its own (never promoted: the
                SFT-only baseline that evaluations compare PPO against, and in LoRA mode
                the weights under the adapter); then the candidate into the model store
@@ -51,6 +53,7 @@ Under torchrun (learner/distributed.py) this runs on rank 0 alone; SFT, the RM a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -99,6 +102,7 @@ class RoundState:
     comparisons_seq: int = 0  # feedback arrival number up to which the RM has trained
     demonstrations_seq: int = 0  # ... up to which SFT has trained
     rm_dir: str = ""  # the latest RM ("" = none yet)
+    gate_rm_dir: str = ""  # the latest second RM (--gate-reward-model second; "" = none)
     sft_dir: str = ""  # the latest SFT policy: the KL reference ("" = the base model)
     sft_round: int = 0  # the round that trained it (0 = none)
     sft_version: str = ""  # its published version (the SFT-only policy PPO is judged against)
@@ -333,6 +337,22 @@ class Learner:
             comparisons = rm_data  # what trained this round's RM
         else:
             rm_dir, rm_metrics = Path(st.rm_dir), {}
+        gate_rm_dir, gate_rm_metrics = rm_dir, rm_metrics
+        if self.cfg.gate_reward_model == "second" and comparisons and rm_dir == work / "rm":
+            gate_rm_dir = work / "gate_rm"
+            gate_rm_metrics = self._train(
+                train_reward_model,
+                cfg=dataclasses.replace(self.rm_cfg, seed=self.rm_cfg.seed + 1),
+                comparisons=rm_data,
+                init_dir=ref_dir if self.rm_cfg.retrain else st.gate_rm_dir or ref_dir,
+                out_dir=gate_rm_dir,
+                heldout=heldout,
+                demonstrations=all_demos,
+                ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
+                sharding=self.sharding,
+            )
+        elif self.cfg.gate_reward_model == "second" and st.gate_rm_dir:
+            gate_rm_dir, gate_rm_metrics = Path(st.gate_rm_dir), {}
 
         # ---- 3. the policy (PPO by default) from the serving (or new SFT) policy, KL to
         # the reference
@@ -361,9 +381,10 @@ class Learner:
         phase("gate")
         gate_prompts = ds.gate_prompts(self.cfg.gate_prompts, n, exclude_users=ex)
         gate = evaluate_gate(
-            self.cfg, self.ppo_cfg, work / "policy", serving.policy_dir, ref_dir, rm_dir,
+            self.cfg, self.ppo_cfg, work / "policy", serving.policy_dir, ref_dir, gate_rm_dir,
             gate_prompts, self.device,
         )  # fmt: skip
+        gate["reward_model"] = "policy" if gate_rm_dir == rm_dir else "second"
         gate["reference"] = "sft" if st.sft_dir or sft_ran else "base"
         gate["algorithm"] = algorithm  # a string: manifest metrics are floats only
         gate["started_from"] = "reference" if policy_start == ref_dir else "serving"
@@ -380,6 +401,7 @@ class Learner:
             "feedback_seq": seq_hi,
             "rm_heldout_accuracy": rm_metrics.get("heldout_accuracy", float("nan")),
             "rm_heldout_pairs": rm_metrics.get("heldout_pairs", 0),
+            "gate_rm_heldout_accuracy": gate_rm_metrics.get("heldout_accuracy", float("nan")),
             "rm_train_loss": rm_metrics.get("train_loss", float("nan")),
             "rm_comparisons": len(comparisons),
             "rm_demo_comparisons": rm_metrics.get("with_demonstration", 0),
@@ -461,6 +483,8 @@ class Learner:
             st.sft_round, st.sft_version = n, sft_version
         if rm_trained:
             st.rm_dir = str(work / "rm")
+            if (work / "gate_rm").exists():
+                st.gate_rm_dir = str(work / "gate_rm")
         if (measured := work / QUALITY_STATE).exists():  # the RM evidence this round added
             q = json.loads(measured.read_text())
             st.rm_evidence, st.rm_scored_seq = q["rm_evidence"], q["rm_scored_seq"]
@@ -648,7 +672,8 @@ class Learner:
 
     def _prune(self) -> None:
         """Delete round dirs the state no longer refers to (published versions are copies)."""
-        keep = {Path(p).parent for p in (self.state.rm_dir, self.state.sft_dir) if p}
+        st = self.state
+        keep = {Path(p).parent for p in (st.rm_dir, st.gate_rm_dir, st.sft_dir) if p}
         for d in self.rounds_dir.iterdir():
             if d.is_dir() and d not in keep:
                 shutil.rmtree(d, ignore_errors=True)

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -380,3 +381,56 @@ def test_start_from_reference_trains_the_reference_not_the_serving_policy(deploy
             LearnerConfig(device="cpu"), ConsumerConfig(), RoundConfig(kind="lora"),
             SFTStepConfig(), RewardConfig(), PPOConfig(), AlignConfig(start_from_reference=True),
         )  # fmt: skip
+
+
+def test_gate_reward_model_second_judges_with_an_rm_the_candidate_never_saw(deployment):
+    """--gate-reward-model second: the round trains a second RM beside its own (same
+    comparisons and start, the next seed) and the gate's verdict is that RM's: the gate
+    run again on the same prompts with the second RM gives the recorded numbers to the
+    digit, with the round's own RM other ones."""
+    from safetensors.torch import load_file
+
+    from instructloop.learner.gate import evaluate_gate
+
+    work, redis, _ = deployment
+    log_feedback(redis, seed=70)
+    cfgs = configs(work, redis.url, "ppo")
+    cfgs.round.gate_reward_model = "second"
+    assert run(cfgs) == 0
+
+    state = json.loads((work / "learner" / "state.json").read_text())
+    rm, second = Path(state["rm_dir"]), Path(state["gate_rm_dir"])
+    assert rm.parent == second.parent and rm != second  # both from this round
+    store = ModelStore(work / "store")
+    [m] = [v for v in store.list() if v.id == state["last_version"]]
+    assert m.gate["reward_model"] == "second", m.gate
+    assert 0.0 <= m.metrics["gate_rm_heldout_accuracy"] <= 1.0, m.metrics
+    a, b = load_file(str(rm / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+    dataset = Dataset(
+        DatasetConfig(
+            path=str(work / "learner" / "dataset.sqlite3"), heldout_fraction=HELDOUT,
+            split_salt=load_secret(work / "split-salt", "split salt"),
+        )
+    )  # fmt: skip
+    try:
+        prompts = dataset.gate_prompts(cfgs.round.gate_prompts, state["round"])
+    finally:
+        dataset.close()
+    assert prompts
+
+    parent = registry_call(redis.url, work, lambda registry: registry.get(m.parent))
+    serving = Path(parent.path) if parent.kind == "base" else store.path(parent.id)
+
+    def gate_with(reward_dir: Path) -> dict:
+        return evaluate_gate(
+            cfgs.round, cfgs.ppo, store.path(m.id), serving, Path(state["sft_dir"]),
+            reward_dir, prompts,
+        )  # fmt: skip
+
+    again, own = gate_with(second), gate_with(rm)
+    for key in ("win_rate", "candidate_score", "serving_score", "kl"):
+        assert again[key] == m.gate[key], (key, again, m.gate)
+    assert own["candidate_score"] != m.gate["candidate_score"]
+    assert own["kl"] == m.gate["kl"]  # the same samples, judged by another RM
