@@ -89,6 +89,8 @@ def register(subparsers) -> None:
     for action in p._actions:
         if action.dest == "algorithm":
             action.choices, action.metavar = ALGORITHMS, None  # --help lists them
+        if action.dest == "gate_reward_model":
+            action.choices, action.metavar = ("policy", "second"), None
     for prefix, cls in PREFIXED:
         add_prefixed_arguments(p, cls, prefix)
     p.set_defaults(func=_learn)
