@@ -338,7 +338,7 @@ class Learner:
         else:
             rm_dir, rm_metrics = Path(st.rm_dir), {}
         gate_rm_dir, gate_rm_metrics = rm_dir, rm_metrics
-        if self.cfg.gate_reward_model == "second" and comparisons and rm_dir == work / "rm":
+        if self.cfg.gate_reward_model == "second" and rm_dir == work / "rm":  # RM trained
             gate_rm_dir = work / "gate_rm"
             gate_rm_metrics = self._train(
                 train_reward_model,

@@ -101,8 +101,9 @@ class CheckpointDecoder:
 
         torch.manual_seed(self.seed)  # the same sampling noise for every version
         greedy = self._decode(model, tokenizer, sample=False)
-        sampled = self._decode(model, tokenizer, sample=self.temperature > 0)
-        return Answers(greedy, sampled)
+        if self.temperature <= 0:  # the "sampled" answers are the greedy ones
+            return Answers(greedy, list(greedy))
+        return Answers(greedy, self._decode(model, tokenizer, sample=True))
 
     def _decode(self, model, tokenizer, sample: bool) -> list[str]:
         import torch
