@@ -21,6 +21,7 @@ directory resumes: versions, the learner's dataset and the Redis streams survive
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shlex
 import signal
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from instructloop.process import die_with_parent
@@ -92,6 +94,20 @@ class UpConfig:
     start_timeout_s: float = field(
         default=600.0, metadata={"help": "How long the server may take to start serving."}
     )
+    log_max_mib: float = field(
+        default=64.0,
+        metadata={
+            "help": "Each process's log under DATA_DIR/logs (server.log, learner.log, web.log) "
+            "is rotated when it reaches this size."
+        },
+    )
+    log_backups: int = field(
+        default=3,
+        metadata={
+            "help": "Rotated logs kept per process (server.log.1 ...): a process's logs take at "
+            "most (1 + this) x --log-max-mib."
+        },
+    )
     web_port: int = field(
         default=8080,
         metadata={
@@ -101,18 +117,41 @@ class UpConfig:
     )
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, max_bytes: int, backups: int) -> subprocess.Popen:
+    """`instructloop ARGS` as a child whose stdout and stderr go, line by line, to
+    log_path, rotated at max_bytes with `backups` older files (the stdlib's
+    RotatingFileHandler, written from a thread of this process that reads the pipe)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "instructloop.cli", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # the terminal's Ctrl-C is ours to forward, in order
-            preexec_fn=die_with_parent,
-        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "instructloop.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # the terminal's Ctrl-C is ours to forward, in order
+        preexec_fn=die_with_parent,
+    )
+    handler = RotatingFileHandler(
+        log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", errors="replace"
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    copier = threading.Thread(
+        target=_copy_lines, args=(proc.stdout, handler), name=f"log {log_path.name}", daemon=True
+    )
+    copier.start()
+    proc.log_copier = copier  # _stop joins it: the child's last lines reach the file
+    return proc
+
+
+def _copy_lines(pipe, handler: logging.Handler) -> None:
+    """Until the child closes its end (it exited): each line to the handler."""
+    try:
+        for raw in iter(pipe.readline, b""):
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            handler.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
+    finally:
+        pipe.close()
+        handler.close()
 
 
 def _wait_serving(target: str, proc: subprocess.Popen, timeout: float, stop: threading.Event):
@@ -176,6 +215,7 @@ def _stop(name: str, proc: subprocess.Popen | None) -> int | None:
             print(f"up: the {name} did not stop in time; killing it", file=sys.stderr)
             proc.kill()
             proc.wait()
+    proc.log_copier.join(timeout=5)
     return proc.returncode
 
 
@@ -202,6 +242,9 @@ def _ports_in_use(cfg: UpConfig) -> list[str]:
 
 
 def run(cfg: UpConfig) -> int:
+    if not (cfg.log_max_mib > 0 and cfg.log_backups >= 1):  # else the stdlib never rotates
+        print("up: error: --log-max-mib must be > 0 and --log-backups >= 1", file=sys.stderr)
+        return 2
     if taken := _ports_in_use(cfg):
         print(
             f"up: error: {', '.join(taken)} is in use: another server (an earlier `up`?) "
@@ -212,6 +255,7 @@ def run(cfg: UpConfig) -> int:
     data = Path(cfg.data_dir).resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    rotation = (int(cfg.log_max_mib * 2**20), cfg.log_backups)
     target = f"{cfg.host}:{cfg.port}"
 
     if "--model" not in shlex.split(cfg.serve_args):
@@ -244,7 +288,7 @@ def run(cfg: UpConfig) -> int:
                 "--swap-drain-grace-s", "0", "--no-rolling-swap",
                 *QUEUE_SERVE_ARGS, *shlex.split(cfg.serve_args),
             ],
-            logs / "server.log",
+            logs / "server.log", *rotation,
         )  # fmt: skip
         print(f"up: starting the server (log {logs / 'server.log'}) ...", file=sys.stderr)
         _wait_serving(target, server, cfg.start_timeout_s, stop)
@@ -257,14 +301,14 @@ def run(cfg: UpConfig) -> int:
                     "--kind", "lora" if cfg.enable_lora else "full",
                     *shlex.split(TINY_LEARNER_ARGS), *shlex.split(cfg.learn_args),
                 ],
-                logs / "learner.log",
+                logs / "learner.log", *rotation,
             )  # fmt: skip
             web_url = f"http://{cfg.host}:{cfg.web_port}/" if cfg.web_port else "-"
             if cfg.web_port and not importlib.util.find_spec("uvicorn"):
                 web_url = "- (not installed: pip install -e '.[web]')"
             elif cfg.web_port:  # the pages over the gRPC API (instructloop web)
                 web_args = ["--target", target, "--host", cfg.host, "--port", str(cfg.web_port)]
-                web = _spawn(["web", *web_args], logs / "web.log")
+                web = _spawn(["web", *web_args], logs / "web.log", *rotation)
             metrics = f"http://{cfg.host}:{cfg.metrics_port}/metrics" if cfg.metrics_port else "-"
             print(
                 "instructloop is up\n"

@@ -81,6 +81,28 @@ def broken_labeler(prompt, samples):
     raise ZeroDivisionError("this labeler always fails")
 
 
+def test_up_rotates_each_process_log_at_its_bound(tmp_path):
+    """`up`'s children write through a pipe into a rotating file: a real child that
+    prints 17 KB into a 4 KB bound with 2 backups leaves three files, none over the
+    bound, holding the output's end in order (its start dropped); its last line is in
+    the file once _stop has returned."""
+    from instructloop.loop import up
+
+    log = tmp_path / "server.log"
+    proc = up._spawn(["serve", "--help"], log, max_bytes=4096, backups=2)
+    assert proc.wait(timeout=120) == 0
+    assert up._stop("server", proc) == 0
+    files = [tmp_path / "server.log.2", tmp_path / "server.log.1", log]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+    assert all(0 < p.stat().st_size <= 4096 for p in files), [p.stat().st_size for p in files]
+    text = subprocess.run(
+        [sys.executable, "-m", "instructloop.cli", "serve", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    kept = "".join(p.read_text() for p in files)
+    assert len(text) > 3 * 4096 and text.endswith(kept) and len(kept) > 2 * 4096
+
+
 def test_simulate_counts_a_labeler_that_raises_and_stops_when_every_user_has_died(server, tmp_path):
     """A labeler's exception ends its user, is counted and shown, and once every user
     has died the run stops at once with exit code 1 instead of idling to --max-minutes."""
