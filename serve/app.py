@@ -348,5 +348,7 @@ def _place(redis_proc: EmbeddedRedis | None) -> None:
 
 def run(cfg: ServerConfig) -> int:
     setup_logging(cfg.log_format, cfg.log_level)
+    if not cfg.log_requests:
+        logging.getLogger("instructloop.serve.requests").setLevel(logging.WARNING)
     asyncio.run(serve(cfg))
     return 0

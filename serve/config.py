@@ -346,6 +346,14 @@ class ServerConfig:
     )
     log_format: str = field(default="json", metadata={"help": "'json' or 'text' logs."})
     log_level: str = field(default="INFO", metadata={"help": "Logging level."})
+    log_requests: bool = field(
+        default=True,
+        metadata={
+            "help": "A log line per answered Generate, SubmitFeedback, NextTask and SkipTask "
+            "call (logger instructloop.serve.requests, at INFO). Off: none; the prompts and "
+            "feedback are in their Redis streams either way, failed calls are still logged."
+        },
+    )
     limits: Limits = field(default_factory=Limits)
     queue: QueueConfig = field(default_factory=QueueConfig)
 

@@ -41,6 +41,9 @@ from .ratelimit import OverLimit, RateLimiter
 from .versions import VersionFollower
 
 log = logging.getLogger(__name__)
+# One line per answered Generate, SubmitFeedback, NextTask and SkipTask call (--no-log-requests
+# turns them off: this logger's level goes to WARNING).
+requests_log = logging.getLogger("instructloop.serve.requests")
 
 _STATUS = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -400,7 +403,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         tokens = sum(s.token_count for s in response.samples)
         if elapsed > 0:
             self.metrics.tokens_per_second.observe(tokens / elapsed)
-        log.info(
+        requests_log.info(
             "generated",
             extra={
                 "prompt_id": response.prompt_id,
@@ -436,7 +439,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         self.metrics.feedback.labels(kind, "duplicate" if result.duplicate else "ok").inc()
         if not result.duplicate:
             await self._judge_canary(request, prompt)
-        log.info(
+        requests_log.info(
             "feedback",
             extra={
                 "feedback_id": result.feedback_id,
@@ -491,7 +494,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
         )
         if record.HasField("chat"):
             task.chat.CopyFrom(record.chat)
-        log.info(
+        requests_log.info(
             "task leased",
             extra={
                 "prompt_id": lease.prompt_id,
@@ -506,7 +509,7 @@ class InstructLoopServicer(api_pb2_grpc.InstructLoopServicer):
     async def SkipTask(self, request, context):
         check_labeler_id(request.user_id, self.limits)
         dropped, waiting = await self.queue.skip(request)
-        log.info(
+        requests_log.info(
             "task skipped",
             extra={
                 "task_id": request.task_id,

@@ -189,4 +189,6 @@ def test_cli_users_and_token_file(auth_server, tmp_path):
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert listed.returncode == 0 and "fay" in listed.stdout, listed.stderr
-    assert token not in auth_server.log_path.read_text(), "a token reached the server log"
+    log = auth_server.log_path.read_text()
+    assert token not in log, "a token reached the server log"
+    assert "instructloop.serve.requests: generated" in log, "a line per request by default"

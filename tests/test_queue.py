@@ -43,6 +43,7 @@ def queue_server(tiny_model, redis_server, tmp_path_factory):
         tiny_model, redis_server.url, [work / "server"], PREFIX,
         "--no-open", "--auth-cache-s", "0",
         "--queue-share", "1", "--queue-overlap", "2", "--queue-lease-s", str(LEASE_S),
+        "--no-log-requests",
     )  # fmt: skip
     server.admin_token = (work / "server" / "admin-token").read_text().strip()
     server.tokens, server.clients = {}, {}
@@ -301,6 +302,20 @@ def _record(pid: str) -> records_pb2.PromptRecord:
 
 
 @pytest.mark.redis_kinds("single", "cluster")
+def test_no_log_requests_leaves_no_line_per_call_but_failures(queue_server, db):
+    """The module's server runs with --no-log-requests: its answered calls leave no line
+    (a server without the option writes one per call: test_auth), a refused one does."""
+    app, ann = _people(queue_server, "nolog", "ann")
+    _generate(app)
+    task = ann.next_task()
+    ann.rank(task.prompt_id, _tiers(task))
+    assert _code(lambda: ann.rank(task.prompt_id, _tiers(task))).code() == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    log = queue_server.log_path.read_text()  # text format: the message, not its fields
+    assert "instructloop.serve.requests" not in log and "servicer: rpc failed" in log, log[-3000:]
+
+
 def test_the_queue_is_bounded_and_expires_with_its_prompts(redis_server):
     """--queue-max drops the oldest items (with their hashes); an item leaves with its
     prompt's TTL; a prompt with one sample is never enqueued."""
