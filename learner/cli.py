@@ -15,6 +15,7 @@ import sys
 from instructloop.cliargs import add_dataclass_arguments, dataclass_from_args
 from instructloop.learner.config import (
     ALGORITHMS,
+    GATE_REWARD_MODELS,
     AlignConfig,
     LearnerConfig,
     PPOConfig,
@@ -90,7 +91,7 @@ def register(subparsers) -> None:
         if action.dest == "algorithm":
             action.choices, action.metavar = ALGORITHMS, None  # --help lists them
         if action.dest == "gate_reward_model":
-            action.choices, action.metavar = ("policy", "second"), None
+            action.choices, action.metavar = GATE_REWARD_MODELS, None
     for prefix, cls in PREFIXED:
         add_prefixed_arguments(p, cls, prefix)
     p.set_defaults(func=_learn)

@@ -331,6 +331,7 @@ class PPOConfig:
 
 
 ALGORITHMS = ("ppo", "dpo", "grpo", "rloo", "sft")
+GATE_REWARD_MODELS = ("policy", "second")  # RoundConfig.gate_reward_model
 
 
 @dataclass

@@ -47,6 +47,7 @@ from instructloop.keys import Keys
 from instructloop.learner import distributed
 from instructloop.learner.config import (
     ALGORITHMS,
+    GATE_REWARD_MODELS,
     AlignConfig,
     LearnerConfig,
     PPOConfig,
@@ -86,9 +87,9 @@ class Configs:
     def __post_init__(self):
         if self.round.kind not in ("full", "lora"):
             raise ValueError(f"--kind must be 'full' or 'lora', got {self.round.kind!r}")
-        if self.round.gate_reward_model not in ("policy", "second"):
+        if self.round.gate_reward_model not in GATE_REWARD_MODELS:
             raise ValueError(
-                "--gate-reward-model must be 'policy' or 'second', got "
+                f"--gate-reward-model must be one of {', '.join(GATE_REWARD_MODELS)}, got "
                 f"{self.round.gate_reward_model!r}"
             )
         self.ppo.lora = self.round.kind == "lora"  # derived once, here

@@ -316,6 +316,7 @@ class Learner:
         # ---- 2. reward model: from the SFT policy on every comparison, or a warm start
         phase("reward model")
         heldout = ds.comparisons("heldout", exclude_users=ex)
+        second = self.cfg.gate_reward_model == "second"
         if comparisons:
             rm_dir = work / "rm"
             if self.rm_cfg.retrain:
@@ -323,36 +324,30 @@ class Learner:
                 rm_data = ds.comparisons("train", exclude_users=ex)
             else:
                 rm_init, rm_data, rm_demos = st.rm_dir or ref_dir, comparisons, new_demos
-            rm_metrics = self._train(
-                train_reward_model,
-                cfg=self.rm_cfg,
+            rm_args = dict(
                 comparisons=rm_data,
-                init_dir=rm_init,
-                out_dir=rm_dir,
                 heldout=heldout,
                 demonstrations=all_demos,
                 ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
                 sharding=self.sharding,
             )
+            rm_metrics = self._train(
+                train_reward_model, cfg=self.rm_cfg, init_dir=rm_init, out_dir=rm_dir, **rm_args
+            )
+            gate_rm_dir, gate_rm_metrics = rm_dir, rm_metrics
+            if second:  # the same data and start, the next seed, for the gate alone
+                gate_rm_dir = work / "gate_rm"
+                gate_rm_metrics = self._train(
+                    train_reward_model,
+                    cfg=dataclasses.replace(self.rm_cfg, seed=self.rm_cfg.seed + 1),
+                    init_dir=ref_dir if self.rm_cfg.retrain else st.gate_rm_dir or ref_dir,
+                    out_dir=gate_rm_dir,
+                    **rm_args,
+                )
             comparisons = rm_data  # what trained this round's RM
         else:
-            rm_dir, rm_metrics = Path(st.rm_dir), {}
-        gate_rm_dir, gate_rm_metrics = rm_dir, rm_metrics
-        if self.cfg.gate_reward_model == "second" and rm_dir == work / "rm":  # RM trained
-            gate_rm_dir = work / "gate_rm"
-            gate_rm_metrics = self._train(
-                train_reward_model,
-                cfg=dataclasses.replace(self.rm_cfg, seed=self.rm_cfg.seed + 1),
-                comparisons=rm_data,
-                init_dir=ref_dir if self.rm_cfg.retrain else st.gate_rm_dir or ref_dir,
-                out_dir=gate_rm_dir,
-                heldout=heldout,
-                demonstrations=all_demos,
-                ranked_demonstrations=rm_demos if self.rm_cfg.demo_comparisons else (),
-                sharding=self.sharding,
-            )
-        elif self.cfg.gate_reward_model == "second" and st.gate_rm_dir:
-            gate_rm_dir, gate_rm_metrics = Path(st.gate_rm_dir), {}
+            rm_dir, rm_metrics, gate_rm_metrics = Path(st.rm_dir), {}, {}
+            gate_rm_dir = Path(st.gate_rm_dir) if second and st.gate_rm_dir else rm_dir
 
         # ---- 3. the policy (PPO by default) from the serving (or new SFT) policy, KL to
         # the reference

@@ -38,7 +38,7 @@ from .logstore import LogStore, RedisSettingsError
 from .metrics import Metrics
 from .queue import LabelingQueue
 from .ratelimit import RateLimiter, parse_limits
-from .servicer import InstructLoopServicer
+from .servicer import InstructLoopServicer, requests_log
 from .swapturn import SwapTurn
 from .versions import VersionFollower
 
@@ -349,6 +349,6 @@ def _place(redis_proc: EmbeddedRedis | None) -> None:
 def run(cfg: ServerConfig) -> int:
     setup_logging(cfg.log_format, cfg.log_level)
     if not cfg.log_requests:
-        logging.getLogger("instructloop.serve.requests").setLevel(logging.WARNING)
+        requests_log.setLevel(logging.WARNING)
     asyncio.run(serve(cfg))
     return 0
